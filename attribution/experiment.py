@@ -1,0 +1,126 @@
+"""Experiment specification: one YAML file per experiment, validated strictly.
+
+Every knob that changes a result lives here, so an experiment file plus its seeds reproduces every artefact.
+Unknown keys are errors (a typo must never silently fall back to a default).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ExperimentError(ValueError):
+    """An experiment file is missing, unreadable or invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    source: Literal["digits", "mnist", "cifar10", "cifar2", "image_folder", "manifest"] = "digits"
+    path: str | None = None
+    classes: list[str] | None = None
+    max_images: int | None = Field(default=None, ge=1)
+    train_size: int = Field(default=1000, ge=2, description="images used for training; the rest are held out")
+    split_seed: int = 0
+
+
+class ModelSpec(_Strict):
+    block_out_channels: list[int] = Field(default=[32, 64], min_length=1)
+    layers_per_block: int = Field(default=1, ge=1)
+    attention: bool = Field(default=False, description="self-attention at the lowest resolution")
+    norm_num_groups: int = Field(default=8, ge=1)
+    num_train_timesteps: int = Field(default=1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self):
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels entry {bad}")
+        return self
+
+
+class TrainingSpec(_Strict):
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        default="cosine", description="decay to zero at the last step: ends training in a flat, low-noise state")
+    warmup_steps: int = Field(default=50, ge=0)
+    ema_decay: float | None = Field(default=0.995, gt=0, lt=1)
+    checkpoints: int = Field(default=5, ge=1, description="evenly spaced saved checkpoints (Diffusion-TracIn)")
+    seed: int = 0
+    grad_clip: float | None = Field(default=1.0, gt=0)
+
+
+class QuerySpec(_Strict):
+    n_generated: int = Field(default=16, ge=0)
+    n_heldout: int = Field(default=16, ge=0)
+    sampling_steps: int = Field(default=50, ge=1, description="DDIM steps for generated queries")
+    seed: int = 10_000
+
+    @model_validator(mode="after")
+    def _some_queries(self):
+        if self.n_generated + self.n_heldout == 0:
+            raise ValueError("at least one of n_generated / n_heldout must be positive")
+        return self
+
+
+class Experiment(_Strict):
+    name: str
+    description: str = ""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    torch_threads: int = Field(default=1, ge=1, description="per process; 1 is fastest and stable on 2 vCPUs")
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    queries: QuerySpec = QuerySpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_key(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
+            raise ValueError("must be lower_snake_case (it becomes the Dagster asset-key prefix)")
+        return v
+
+    def section_json(self, *sections: str) -> str:
+        """Canonical JSON of some sections: the part of the spec an artefact depends on (its code-version input)."""
+        import json
+
+        dumped = self.model_dump(mode="json")
+        return json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        return f"key '{loc}': unknown key (check the spelling; see attribution/experiment.py for valid keys)"
+    return f"key '{loc}': {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_experiment(raw: dict, source: str = "<dict>") -> Experiment:
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as e:
+        lines = "\n  ".join(_describe(err) for err in e.errors())
+        raise ExperimentError(f"invalid experiment {source}:\n  {lines}") from None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"experiment file {path} does not exist: pass a YAML file such as experiments/digits.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"experiment file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"experiment file {path} must hold a mapping of keys (name, data, model, ...)")
+    return parse_experiment(raw, str(path))

@@ -1,0 +1,49 @@
+"""Pictures for people: image grids and small charts as PNG bytes (rendered in the Dagster UI as metadata)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = np.clip((np.asarray(images, dtype=np.float32) + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    return x.transpose(0, 2, 3, 1)
+
+
+def image_grid(rows: list[np.ndarray], scale: int = 4, pad: int = 2) -> bytes:
+    """PNG of rows of images (each row an (N, C, H, W) array in [-1, 1]); short rows are left blank at the end."""
+    from PIL import Image
+
+    width = max(len(r) for r in rows)
+    c, h, w = rows[0].shape[1:]
+    canvas = np.full(((h + pad) * len(rows) + pad, (w + pad) * width + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(to_uint8(row)):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y:y + h, x:x + w] = img if c == 3 else np.repeat(img, 3, axis=2)
+    pil = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def line_chart(y: np.ndarray, title: str, xlabel: str, ylabel: str, smooth: int = 1) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(y, dtype=np.float64)
+    if smooth > 1 and len(y) >= smooth:
+        y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=90)
+    ax.plot(np.arange(len(y)) + (smooth if smooth > 1 else 0), y)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,155 @@
+"""DDPM training with everything attribution needs recorded: checkpoints, their learning rates, and for every
+checkpoint the timestep at which each training sample was last trained (Diffusion-TracIn uses it).
+
+All randomness comes from explicit generators seeded by the training seed, so the same images + spec + seed give
+bit-identical weights, and a given seed gives the same initialisation and timestep/noise stream for every subset
+(common random numbers across LDS subset models).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .experiment import ModelSpec, TrainingSpec
+from .runtime import stable_seed
+
+
+@dataclass
+class TrainingResult:
+    unet: object                      # final model (EMA weights when EMA is on), on CPU
+    checkpoints: list[dict]           # raw training weights at each checkpoint, CPU tensors
+    checkpoint_steps: list[int]
+    checkpoint_lrs: list[float]       # learning rate of the last step before each checkpoint: TracIn's weights
+    last_timesteps: np.ndarray        # (n_checkpoints, n) int32; -1 = sample not yet trained at that checkpoint
+    loss_curve: np.ndarray            # (steps,) float32, mean batch loss per step
+    wall_seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, spec: TrainingSpec) -> float:
+    """Multiplier of the base learning rate at a 0-based step: linear warm-up, then decay to 0 at the last step."""
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    if spec.lr_schedule == "constant":
+        return 1.0
+    span = max(spec.steps - spec.warmup_steps, 1)
+    progress = min((step - spec.warmup_steps + 1) / span, 1.0)
+    if spec.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def checkpoint_steps(spec: TrainingSpec) -> list[int]:
+    """Evenly spaced steps (1-based counts of completed steps); the last one is the end of training."""
+    steps = sorted({max(1, round(spec.steps * (c + 1) / spec.checkpoints)) for c in range(spec.checkpoints)})
+    return steps
+
+
+def _index_stream(n: int, batch_size: int, steps: int, generator) -> Callable[[], "object"]:
+    """Epoch-wise shuffled indices, consumed batch by batch across epoch boundaries."""
+    import torch
+
+    buffer = torch.empty(0, dtype=torch.long)
+
+    def next_batch():
+        nonlocal buffer
+        while buffer.numel() < batch_size:
+            buffer = torch.cat([buffer, torch.randperm(n, generator=generator)])
+        batch, buffer = buffer[:batch_size], buffer[batch_size:]
+        return batch
+
+    return next_batch
+
+
+def train_ddpm(
+    images: np.ndarray,
+    model_spec: ModelSpec,
+    spec: TrainingSpec,
+    *,
+    seed: int | None = None,
+    device: str = "cpu",
+    init_state: dict | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    progress_every: int = 200,
+) -> TrainingResult:
+    """Train eps_theta with the DDPM loss on `images` (n, C, H, W) in [-1, 1].
+
+    `seed` defaults to spec.seed; `init_state` starts from given weights (fine-tuning) instead of a fresh init.
+    """
+    import torch
+
+    from .models import build_scheduler, build_unet
+
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"training images must be a non-empty (n, C, H, W) array, got shape {images.shape}")
+    seed = spec.seed if seed is None else seed
+    n, c, h, w = images.shape
+    unet = build_unet(model_spec, sample_size=h, channels=c, seed=stable_seed("init", seed))
+    if init_state is not None:
+        unet.load_state_dict(init_state)
+    unet.to(device).train()
+    scheduler = build_scheduler(model_spec)
+    abar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    T = model_spec.num_train_timesteps
+
+    data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+    order_gen = torch.Generator().manual_seed(stable_seed("order", seed))
+    noise_gen = torch.Generator().manual_seed(stable_seed("noise", seed))
+    next_batch = _index_stream(n, min(spec.batch_size, n), spec.steps, order_gen)
+
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    ema = [p.detach().clone() for p in params] if spec.ema_decay else None
+
+    ckpt_steps = checkpoint_steps(spec)
+    last_t = np.full(n, -1, dtype=np.int32)
+    last_timesteps, checkpoints, ckpt_lrs = [], [], []
+    losses = np.empty(spec.steps, dtype=np.float32)
+    start = time.perf_counter()
+    for step in range(spec.steps):
+        lr = spec.lr * lr_factor(step, spec)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = next_batch()
+        t = torch.randint(0, T, (len(idx),), generator=noise_gen)
+        eps = torch.randn((len(idx), c, h, w), generator=noise_gen)
+        t_dev, eps = t.to(device), eps.to(device)
+        x0 = data[idx.to(device)]
+        a = abar[t_dev].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = torch.mean((unet(x_t, t_dev).sample - eps) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+        opt.step()
+        if ema is not None:
+            decay = min(spec.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        losses[step] = loss.item()
+        last_t[idx.numpy()] = t.numpy().astype(np.int32)  # a batch spanning two epochs may repeat a sample: last wins
+        if step + 1 in ckpt_steps:
+            checkpoints.append({k: v.detach().cpu().clone() for k, v in unet.state_dict().items()})
+            last_timesteps.append(last_t.copy())
+            ckpt_lrs.append(lr)
+        if progress is not None and ((step + 1) % progress_every == 0 or step + 1 == spec.steps):
+            progress(step + 1, float(losses[max(0, step + 1 - progress_every): step + 1].mean()))
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    unet.eval().to("cpu")
+    return TrainingResult(
+        unet=unet,
+        checkpoints=checkpoints,
+        checkpoint_steps=ckpt_steps,
+        checkpoint_lrs=ckpt_lrs,
+        last_timesteps=np.stack(last_timesteps),
+        loss_curve=losses,
+        wall_seconds=time.perf_counter() - start,
+    )

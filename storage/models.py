@@ -1,0 +1,92 @@
+"""Model store: diffusers `save_pretrained` layout (safetensors), written atomically.
+
+    <model>/unet/                      final weights (EMA when training used EMA)
+    <model>/scheduler/                 noise schedule
+    <model>/checkpoints/ckpt_XXXX.safetensors   raw training weights at each checkpoint (TracIn)
+    <model>/record.npz                 training record (loss curve, per-checkpoint last timesteps, lrs, ...)
+    <model>/_COMPLETE.json             written last: digest and metadata; its absence means "not a model"
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artefacts import atomic_directory, local_copy, read_marker
+
+
+def save_model(url: str, unet, scheduler, *, checkpoints: list[dict] | None = None,
+               record: dict[str, np.ndarray] | None = None, meta: dict | None = None) -> str:
+    """Save a model directory atomically and return the weights digest (its data version)."""
+    from safetensors.torch import save_file
+
+    from attribution.runtime import state_dict_digest
+
+    digest = state_dict_digest(unet.state_dict())
+    with atomic_directory(url, {"digest": digest, "meta": meta or {}}) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        if checkpoints:
+            (tmp / "checkpoints").mkdir()
+            for i, state in enumerate(checkpoints):
+                save_file({k: v.contiguous() for k, v in state.items()}, tmp / "checkpoints" / f"ckpt_{i:04d}.safetensors")
+        if record:
+            np.savez(tmp / "record.npz", **record)
+        (tmp / "meta.json").write_text(json.dumps(meta or {}, sort_keys=True, indent=1))
+    return digest
+
+
+@dataclass
+class StoredModel:
+    """A complete model directory; loads lazily so metadata reads stay cheap."""
+
+    url: str
+
+    def __post_init__(self):
+        self.marker = read_marker(self.url, "model")
+
+    @property
+    def digest(self) -> str:
+        return self.marker["digest"]
+
+    @property
+    def meta(self) -> dict:
+        return self.marker.get("meta", {})
+
+    def load_unet(self, device: str = "cpu"):
+        from diffusers import UNet2DModel
+
+        from attribution.models import use_classic_attention
+
+        with local_copy(self.url) as d:
+            unet = UNet2DModel.from_pretrained(d / "unet", local_files_only=True)
+        use_classic_attention(unet)
+        return unet.to(device).eval()
+
+    def load_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        with local_copy(self.url) as d:
+            return DDPMScheduler.from_pretrained(d / "scheduler", local_files_only=True)
+
+    def n_checkpoints(self) -> int:
+        with local_copy(self.url) as d:
+            return len(list((d / "checkpoints").glob("ckpt_*.safetensors"))) if (d / "checkpoints").exists() else 0
+
+    def load_checkpoint(self, i: int) -> dict:
+        from safetensors.torch import load_file
+
+        with local_copy(self.url) as d:
+            path = Path(d) / "checkpoints" / f"ckpt_{i:04d}.safetensors"
+            if not path.exists():
+                raise IndexError(f"model {self.url} has no checkpoint {i} ({self.n_checkpoints()} saved)")
+            return load_file(path)
+
+    def load_record(self) -> dict[str, np.ndarray]:
+        with local_copy(self.url) as d:
+            if not (Path(d) / "record.npz").exists():
+                return {}
+            with np.load(Path(d) / "record.npz") as z:
+                return {k: z[k] for k in z.files}

@@ -1,0 +1,109 @@
+"""The DuckDB warehouse: every metric table, with lineage, queryable with plain SQL.
+
+DuckDB allows one read-write process at a time, so every write runs in a short connection under a cross-process
+file lock; no caller holds a connection across a long computation. Tables live in schema `diffattr` (never named
+after the database file's stem, which makes `<stem>.table` ambiguous).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA = "diffattr"
+
+# One DDL per table; later stages add theirs here so the schema has a single home.
+TABLES: dict[str, str] = {
+    "lineage": """
+        run_id VARCHAR, asset_key VARCHAR, partition_key VARCHAR, code_version VARCHAR, data_version VARCHAR,
+        input_data_versions JSON, experiment VARCHAR, created_at TIMESTAMPTZ""",
+    "training_runs": """
+        experiment VARCHAR, model VARCHAR, partition_key VARCHAR, n_train INTEGER, steps INTEGER, batch_size INTEGER,
+        parameters BIGINT, final_loss DOUBLE, wall_seconds DOUBLE, digest VARCHAR, run_id VARCHAR,
+        created_at TIMESTAMPTZ""",
+    "datasets": """
+        experiment VARCHAR, dataset VARCHAR, split VARCHAR, n_images INTEGER, shape VARCHAR, n_groups INTEGER,
+        content_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMPTZ""",
+}
+
+
+class Warehouse:
+    def __init__(self, path: str | Path, lock_timeout: float = 600.0):
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextmanager
+    def connect(self, write: bool = True) -> Iterator["object"]:
+        """A short-lived connection under the writers' lock; readers take it too so they never meet a writer."""
+        import duckdb
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.lock_path), timeout=self.lock_timeout):
+            if not write and not self.path.exists():
+                write = True  # first use: create the schema
+            con = duckdb.connect(str(self.path), read_only=not write)
+            try:
+                if write:
+                    self._ensure_schema(con)
+                yield con
+            finally:
+                con.close()
+
+    @staticmethod
+    def _ensure_schema(con) -> None:
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+        for name, cols in TABLES.items():
+            con.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.{name} ({cols})")
+
+    def replace_rows(self, table: str, rows: "object", match: dict) -> int:
+        """Idempotent write: delete the rows equal on `match` (e.g. experiment + model), then insert `rows`.
+
+        `rows` is a pandas DataFrame or a list of dicts; columns must be the table's (missing ones become NULL).
+        """
+        import pandas as pd
+
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+        if table not in TABLES:
+            raise KeyError(f"unknown warehouse table {table!r}; known: {sorted(TABLES)}")
+        with self.connect() as con:
+            cols = [r[0] for r in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema=? AND table_name=? "
+                "ORDER BY ordinal_position", [SCHEMA, table]).fetchall()]
+            unknown = set(df.columns) - set(cols)
+            if unknown:
+                raise KeyError(f"columns {sorted(unknown)} are not in {SCHEMA}.{table} ({cols})")
+            con.execute("BEGIN")
+            if match:
+                where = " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in match)
+                con.execute(f"DELETE FROM {SCHEMA}.{table} WHERE {where}", list(match.values()))
+            if len(df):
+                con.register("incoming", df)
+                select = ", ".join(c if c in df.columns else f"NULL AS {c}" for c in cols)
+                con.execute(f"INSERT INTO {SCHEMA}.{table} SELECT {select} FROM incoming")
+                con.unregister("incoming")
+            con.execute("COMMIT")
+        return len(df)
+
+    def record_lineage(self, *, run_id: str, asset_key: str, partition_key: str | None, code_version: str | None,
+                       data_version: str | None, input_data_versions: dict, experiment: str) -> None:
+        row = dict(run_id=run_id, asset_key=asset_key, partition_key=partition_key, code_version=code_version,
+                   data_version=data_version, input_data_versions=json.dumps(input_data_versions, sort_keys=True),
+                   experiment=experiment, created_at=now())
+        with self.connect() as con:
+            con.execute(f"INSERT INTO {SCHEMA}.lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", list(row.values()))
+
+    def query(self, sql: str, params: list | None = None):
+        """Read-only SQL -> DataFrame; tables are addressed as diffattr.<table>."""
+        with self.connect(write=False) as con:
+            return con.execute(sql, params or []).df()
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)

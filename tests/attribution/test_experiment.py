@@ -1,0 +1,56 @@
+import pytest
+
+from attribution.experiment import ExperimentError, load_experiment, parse_experiment
+from pipelines.experiments import DEFAULT_DIR
+
+
+def write(tmp_path, text):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_default_experiment_files_are_valid():
+    names = [load_experiment(p).name for p in sorted(DEFAULT_DIR.glob("*.yaml"))]
+    assert "digits" in names
+    exp = load_experiment(DEFAULT_DIR / "digits.yaml")
+    assert exp.data.source == "digits" and exp.data.train_size == 1000
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = write(tmp_path, "name: x\ntraining:\n  stpes: 10\n")
+    with pytest.raises(ExperimentError, match=r"exp\.yaml[\s\S]*training\.stpes[\s\S]*unknown key"):
+        load_experiment(p)
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    p = write(tmp_path, "name: x\ntraining:\n  lr: -1\n")
+    with pytest.raises(ExperimentError, match=r"training\.lr.*greater than 0.*-1"):
+        load_experiment(p)
+
+
+def test_cross_field_rule(tmp_path):
+    p = write(tmp_path, "name: x\nmodel:\n  block_out_channels: [12, 16]\n  norm_num_groups: 8\n")
+    with pytest.raises(ExperimentError, match=r"norm_num_groups=8 must divide.*\[12\]"):
+        load_experiment(p)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ExperimentError, match="does not exist"):
+        load_experiment(tmp_path / "nope.yaml")
+    with pytest.raises(ExperimentError, match="not valid YAML"):
+        load_experiment(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(ExperimentError, match="mapping"):
+        load_experiment(write(tmp_path, "- a\n- b\n"))
+
+
+def test_name_must_be_an_asset_key_prefix():
+    with pytest.raises(ExperimentError, match="name.*lower_snake_case"):
+        parse_experiment({"name": "My Exp"})
+
+
+def test_section_json_is_canonical():
+    a = parse_experiment({"name": "a", "training": {"steps": 5}})
+    b = parse_experiment({"training": {"steps": 5}, "name": "b"})
+    assert a.section_json("training") == b.section_json("training")
+    assert a.section_json("training") != parse_experiment({"name": "a"}).section_json("training")

@@ -1,0 +1,43 @@
+"""Test-wide settings: one torch thread (2-vCPU machine), deterministic algorithms."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+
+def pytest_configure(config):
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return
+    torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+def tiny_experiment_dict(name: str = "tiny") -> dict:
+    """A whole experiment that trains and samples in seconds on one CPU thread."""
+    return {
+        "name": name,
+        "data": {"source": "digits", "train_size": 64, "split_seed": 0},
+        "model": {"block_out_channels": [8, 16], "norm_num_groups": 4},
+        "training": {"steps": 30, "batch_size": 16, "lr": 2e-3, "warmup_steps": 5, "checkpoints": 3, "seed": 0},
+        "queries": {"n_generated": 3, "n_heldout": 2, "sampling_steps": 4, "seed": 5},
+    }
+
+
+@pytest.fixture
+def tiny_experiment():
+    from attribution.experiment import parse_experiment
+
+    return parse_experiment(tiny_experiment_dict())
+
+
+@pytest.fixture
+def storage(tmp_path):
+    from storage.resources import StorageResource
+
+    return StorageResource(root=str(tmp_path / "artefacts"))

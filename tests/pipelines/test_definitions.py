@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from attribution.experiment import ExperimentError, parse_experiment
+from pipelines.definitions import build_definitions, experiment_assets
+from pipelines.experiments import load_experiments
+from pipelines.run import materialize_experiment, summary
+from storage.datasets import load_image_dataset
+from storage.models import StoredModel
+from tests.conftest import tiny_experiment_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dagster_cli_validates_the_workspace():
+    env = {**os.environ, "DAGSTER_HOME": ""}
+    env.pop("DAGSTER_HOME")
+    out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w",
+                          "workspace.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Validation successful" in out.stdout + out.stderr
+
+
+def test_definitions_module_does_not_import_torch():
+    code = "import sys, pipelines.definitions; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_one_prefixed_graph_per_experiment():
+    a = parse_experiment(tiny_experiment_dict("alpha"))
+    b = parse_experiment(tiny_experiment_dict("beta"))
+    defs = build_definitions([a, b])
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {f"{e}/{n}" for e in ("alpha", "beta") for n in ("training_set", "base_model", "query_set")}
+    for k in graph.get_all_asset_keys():
+        node = graph.get(k)
+        assert node.group_name in {"data", "models"} and node.description
+    assert graph.get(dg.AssetKey(["alpha", "query_set"])).parent_keys == {
+        dg.AssetKey(["alpha", "base_model"]), dg.AssetKey(["alpha", "training_set"])}
+    assert {j.name for j in defs.jobs} == {"alpha__all", "beta__all"}
+
+
+def test_duplicate_experiment_names_are_refused(tmp_path):
+    for f in ("a.yaml", "b.yaml"):
+        (tmp_path / f).write_text("name: same\n")
+    with pytest.raises(ExperimentError, match="unique"):
+        load_experiments([tmp_path / "a.yaml", tmp_path / "b.yaml"])
+
+
+def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storage):
+    exp = tiny_experiment
+    with dg.instance_for_test() as instance:
+        result = materialize_experiment(exp, storage, instance)
+        assert result.success
+        mats = {e.asset_key.to_user_string(): e for e in result.get_asset_materialization_events()}
+        assert set(mats) == {"tiny/training_set", "tiny/base_model", "tiny/query_set"}
+        meta = mats["tiny/base_model"].materialization.metadata
+        assert meta["parameters"].value > 1000 and meta["steps"].value == 30
+        assert "data:image/png;base64," in meta["samples"].value
+
+    paths = storage.paths(exp.name)
+    train, index = load_image_dataset(paths.dataset("train_images"))
+    heldout, hindex = load_image_dataset(paths.dataset("heldout_images"))
+    assert len(train) == 64 and len(heldout) == 1797 - 64 and not set(index) & set(hindex)
+    model = StoredModel(paths.model("base_model"))
+    assert model.n_checkpoints() == 3 and model.load_record()["last_timesteps"].shape == (3, 64)
+
+    from storage.artefacts import load_arrays
+
+    q, qmeta = load_arrays(paths.dataset("query_set"))
+    assert q["images"].shape == (5, 1, 8, 8) and q["kind"].tolist() == ["generated"] * 3 + ["heldout"] * 2
+    assert q["trajectory_x0"].shape == (3, 4, 1, 8, 8) and qmeta["model_digest"] == model.digest
+    # held-out queries are real held-out images, bit for bit
+    pos = [int(np.flatnonzero(hindex == s)[0]) for s in q["source_index"][3:]]
+    np.testing.assert_array_equal(q["images"][3:], heldout.images[pos])
+
+    wh = storage.warehouse()
+    lin = wh.query("SELECT asset_key, data_version, input_data_versions, code_version, run_id "
+                   "FROM diffattr.lineage ORDER BY created_at")
+    assert lin.asset_key.tolist() == ["tiny/training_set", "tiny/base_model", "tiny/query_set"]
+    versions = dict(zip(lin.asset_key, lin.data_version))
+    assert versions["tiny/base_model"] == model.digest
+    assert json.loads(lin.input_data_versions[1]) == {"tiny/training_set": versions["tiny/training_set"]}
+    assert json.loads(lin.input_data_versions[2]) == {k: versions[k] for k in ("tiny/base_model", "tiny/training_set")}
+    assert lin.run_id.nunique() == 1 and all(lin.code_version.str.startswith("1-"))
+    runs = wh.query("SELECT n_train, steps, digest FROM diffattr.training_runs").values.tolist()
+    assert runs == [[64, 30, model.digest]]
+    text = summary(exp, storage)
+    assert "duckdb -readonly" in text and "base_model" in text
