@@ -73,6 +73,69 @@ class QuerySpec(_Strict):
         return self
 
 
+OUTPUTS = ("loss", "square", "average", "l1", "l2", "linf", "elbo", "loss_l1")
+
+
+class MethodSpec(_Strict):
+    """One attribution method. `kind` picks the recipe (DESIGN 1.1-1.4); other keys tune it."""
+
+    kind: Literal["trak", "journey_trak", "tracin", "retrac", "pixel"]
+    output: str = Field(default="loss", description="output function f (trak); loss or loss_l1 (tracin/retrac)")
+    timesteps: Literal["uniform", "random"] = "uniform"
+    K: int = Field(default=10, ge=1, description="timesteps per train sample (trak) or query grid (tracin)")
+    noise_draws: int = Field(default=1, ge=1, description="noises per query timestep (journey_trak, tracin)")
+    scorer: Literal["kernel", "grad_dot", "grad_cos", "relative_if", "renormalized_if"] = "kernel"
+    similarity: Literal["cosine", "dot", "neg_l2"] = "cosine"
+    checkpoints: list[int] | None = Field(default=None, description="tracin: checkpoint indices (default all)")
+
+    @field_validator("output")
+    @classmethod
+    def _known_output(cls, v: str) -> str:
+        if v not in OUTPUTS:
+            raise ValueError(f"unknown output function {v!r}; choose one of {list(OUTPUTS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_rules(self):
+        if self.kind in ("tracin", "retrac") and self.output not in ("loss", "loss_l1"):
+            raise ValueError(f"{self.kind} uses a training loss: output must be 'loss' or 'loss_l1'")
+        return self
+
+
+def default_methods() -> dict[str, MethodSpec]:
+    return {
+        "trak": MethodSpec(kind="trak", output="loss"),
+        "dtrak": MethodSpec(kind="trak", output="square"),
+        "journey_trak": MethodSpec(kind="journey_trak", output="loss", timesteps="random", noise_draws=2),
+        "tracin": MethodSpec(kind="tracin", output="loss", noise_draws=2),
+        "retrac": MethodSpec(kind="retrac", output="loss", noise_draws=2),
+        "pixel": MethodSpec(kind="pixel", similarity="cosine"),
+    }
+
+
+class AttributionSpec(_Strict):
+    projector: Literal["countsketch", "countsketch_gaussian", "gaussian", "rademacher", "identity"] = "countsketch"
+    proj_dim: int = Field(default=2048, ge=1, description="k")
+    proj_seed: int = 0
+    noise_seed: int = 0
+    batch_size: int = Field(default=32, ge=1, description="samples per batched per-sample-gradient call")
+    shard_rows: int = Field(default=256, ge=1, description="feature-store shard; a multiple of batch_size")
+    lambda_factor: float = Field(default=0.1, gt=0, description="kernel lambda = factor x mean diag(Phi^T Phi)")
+    top_k: int = Field(default=10, ge=1, description="proponents and opponents kept per query in DuckDB")
+    show_queries: int = Field(default=6, ge=1, description="queries drawn with their top proponents")
+    methods: dict[str, MethodSpec] = Field(default_factory=default_methods)
+
+    @model_validator(mode="after")
+    def _shards_align_with_batches(self):
+        if self.shard_rows % self.batch_size:
+            raise ValueError(f"shard_rows={self.shard_rows} must be a multiple of batch_size={self.batch_size} "
+                             "(aligned batches make sharded features bit-identical to unsharded ones)")
+        for name in self.methods:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"method name {name!r} must be lower_snake_case (it becomes an asset name)")
+        return self
+
+
 class Experiment(_Strict):
     name: str
     description: str = ""
@@ -82,6 +145,7 @@ class Experiment(_Strict):
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()
     queries: QuerySpec = QuerySpec()
+    attribution: AttributionSpec = AttributionSpec()
 
     @field_validator("name")
     @classmethod

@@ -31,12 +31,17 @@ def build_unet(spec: ModelSpec, sample_size: int, channels: int, seed: int):
     return unet
 
 
-def use_classic_attention(unet) -> None:
-    """torch.func.vmap has no CPU batching rule for SDPA attention; the classic processor is exact and vmappable."""
-    from diffusers.models.attention_processor import AttnProcessor
+def use_classic_attention(model) -> int:
+    """Switch every diffusers Attention module to the classic processor: torch.func.vmap has no CPU batching rule
+    for SDPA, and the classic processor is exact. UNet2DModel has no set_attn_processor, so go module by module."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
 
-    if getattr(unet, "attn_processors", None):
-        unet.set_attn_processor(AttnProcessor())
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
+            n += 1
+    return n
 
 
 def build_scheduler(spec: ModelSpec):

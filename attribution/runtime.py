@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
+import threading
+from contextlib import contextmanager
 
 
 def configure_torch(threads: int = 1) -> None:
@@ -11,6 +14,26 @@ def configure_torch(threads: int = 1) -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
+
+
+_THREAD_LOCK = threading.RLock()
+
+
+@contextmanager
+def single_thread():
+    """Run the enclosed CPU torch ops on one intra-op thread (restored afterwards). Reduction order then cannot
+    depend on the thread count, which makes features bit-identical on any machine; scale-out is across processes."""
+    import torch
+
+    with _THREAD_LOCK:
+        n = torch.get_num_threads()
+        if n != 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if n != 1:
+                torch.set_num_threads(n)
 
 
 def resolve_device(device: str) -> str:
@@ -23,10 +46,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def stable_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived from its parts, identical in every process (unlike Python's salted hash())."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def stable_seed(domain: str, *ints: int) -> int:
+    """A 63-bit seed from a domain tag and integers, identical in every process (unlike Python's salted hash())."""
+    h = hashlib.blake2b(domain.encode("utf-8"), digest_size=8)
+    for v in ints:
+        h.update(struct.pack("<q", int(v)))
+    return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def state_dict_digest(state_dict) -> str:
@@ -35,5 +60,5 @@ def state_dict_digest(state_dict) -> str:
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype.is_floating_point or t.dtype.is_signed else t.numpy().tobytes())
+        h.update(t.numpy().tobytes())
     return h.hexdigest()

@@ -23,7 +23,7 @@ class TrainingResult:
     unet: object                      # final model (EMA weights when EMA is on), on CPU
     checkpoints: list[dict]           # raw training weights at each checkpoint, CPU tensors
     checkpoint_steps: list[int]
-    checkpoint_lrs: list[float]       # learning rate of the last step before each checkpoint: TracIn's weights
+    checkpoint_lrs: list[float]       # mean learning rate over the steps each checkpoint closes: TracIn's weights
     last_timesteps: np.ndarray        # (n_checkpoints, n) int32; -1 = sample not yet trained at that checkpoint
     loss_curve: np.ndarray            # (steps,) float32, mean batch loss per step
     wall_seconds: float
@@ -109,9 +109,11 @@ def train_ddpm(
     last_t = np.full(n, -1, dtype=np.int32)
     last_timesteps, checkpoints, ckpt_lrs = [], [], []
     losses = np.empty(spec.steps, dtype=np.float32)
+    lr_sum, lr_steps = 0.0, 0
     start = time.perf_counter()
     for step in range(spec.steps):
         lr = spec.lr * lr_factor(step, spec)
+        lr_sum, lr_steps = lr_sum + lr, lr_steps + 1
         for group in opt.param_groups:
             group["lr"] = lr
         idx = next_batch()
@@ -136,7 +138,8 @@ def train_ddpm(
         if step + 1 in ckpt_steps:
             checkpoints.append({k: v.detach().cpu().clone() for k, v in unet.state_dict().items()})
             last_timesteps.append(last_t.copy())
-            ckpt_lrs.append(lr)
+            ckpt_lrs.append(lr_sum / lr_steps)  # TracIn's sum over steps, one checkpoint per interval
+            lr_sum, lr_steps = 0.0, 0
         if progress is not None and ((step + 1) % progress_every == 0 or step + 1 == spec.steps):
             progress(step + 1, float(losses[max(0, step + 1 - progress_every): step + 1].mean()))
     if ema is not None:

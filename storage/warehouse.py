@@ -26,6 +26,18 @@ TABLES: dict[str, str] = {
     "datasets": """
         experiment VARCHAR, dataset VARCHAR, split VARCHAR, n_images INTEGER, shape VARCHAR, n_groups INTEGER,
         content_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "feature_stores": """
+        experiment VARCHAR, method VARCHAR, store VARCHAR, role VARCHAR, checkpoint INTEGER, n_rows INTEGER,
+        dim INTEGER, num_params BIGINT, projector VARCHAR, shards_total INTEGER, shards_computed INTEGER,
+        wall_seconds DOUBLE, sample_timesteps_per_s DOUBLE, digest VARCHAR, url VARCHAR, run_id VARCHAR,
+        created_at TIMESTAMPTZ""",
+    "top_attributions": """
+        experiment VARCHAR, method VARCHAR, query_id INTEGER, query_kind VARCHAR, direction VARCHAR, rank INTEGER,
+        train_id INTEGER, train_group VARCHAR, score DOUBLE, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "attribution_runs": """
+        experiment VARCHAR, method VARCHAR, kind VARCHAR, scorer VARCHAR, kernel_lambda DOUBLE, n_queries INTEGER,
+        n_train INTEGER, top_k INTEGER, unique_in_top_k INTEGER, top_k_slots INTEGER, max_top_k_frequency DOUBLE,
+        most_frequent JSON, url VARCHAR, run_id VARCHAR, created_at TIMESTAMPTZ""",
 }
 
 

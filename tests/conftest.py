@@ -26,6 +26,8 @@ def tiny_experiment_dict(name: str = "tiny") -> dict:
         "model": {"block_out_channels": [8, 16], "norm_num_groups": 4},
         "training": {"steps": 30, "batch_size": 16, "lr": 2e-3, "warmup_steps": 5, "checkpoints": 3, "seed": 0},
         "queries": {"n_generated": 3, "n_heldout": 2, "sampling_steps": 4, "seed": 5},
+        "attribution": {"proj_dim": 32, "batch_size": 8, "shard_rows": 16, "top_k": 3,
+                        "methods": {"dtrak": {"kind": "trak", "output": "square", "K": 3}, "pixel": {"kind": "pixel"}}},
     }
 
 

@@ -35,10 +35,13 @@ def test_checkpoints_and_last_timesteps_record(setup):
     assert len(r.checkpoints) == 3 and r.last_timesteps.shape == (3, len(images))
     # 10 steps x 16 = 160 draws over 40 images: every sample has been trained by the first checkpoint
     assert (r.last_timesteps >= 0).all() and (r.last_timesteps < exp.model.num_train_timesteps).all()
-    # the recorded lr is the schedule's value at the checkpoint step
-    for step, lr in zip(r.checkpoint_steps, r.checkpoint_lrs):
-        assert lr == pytest.approx(exp.training.lr * lr_factor(step - 1, exp.training))
-    assert r.checkpoint_lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine decays to zero at the last step
+    # each checkpoint's TracIn weight is the mean lr over the steps since the previous checkpoint
+    bounds = [0] + r.checkpoint_steps
+    for (a, b), lr in zip(zip(bounds, bounds[1:]), r.checkpoint_lrs):
+        expected = np.mean([exp.training.lr * lr_factor(s, exp.training) for s in range(a, b)])
+        assert lr == pytest.approx(expected)
+    assert lr_factor(exp.training.steps - 1, exp.training) == pytest.approx(0.0, abs=1e-12)  # cosine ends at 0
+    assert r.checkpoint_lrs[-1] > 0  # ... yet the last checkpoint still carries weight
     # the final checkpoint holds the raw (non-EMA) weights, the returned model the EMA weights
     assert not torch.equal(r.checkpoints[-1]["conv_in.weight"], r.unet.state_dict()["conv_in.weight"])
 

@@ -41,10 +41,13 @@ def test_one_prefixed_graph_per_experiment():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {f"{e}/{n}" for e in ("alpha", "beta") for n in ("training_set", "base_model", "query_set")}
+    names = ("training_set", "base_model", "query_set", "features_dtrak", "scores_dtrak", "scores_pixel")
+    assert keys == {f"{e}/{n}" for e in ("alpha", "beta") for n in names}
     for k in graph.get_all_asset_keys():
         node = graph.get(k)
-        assert node.group_name in {"data", "models"} and node.description
+        assert node.group_name in {"data", "models", "features", "attribution"} and node.description
+    assert graph.get(dg.AssetKey(["alpha", "scores_pixel"])).parent_keys == {
+        dg.AssetKey(["alpha", "query_set"]), dg.AssetKey(["alpha", "training_set"])}
     assert graph.get(dg.AssetKey(["alpha", "query_set"])).parent_keys == {
         dg.AssetKey(["alpha", "base_model"]), dg.AssetKey(["alpha", "training_set"])}
     assert {j.name for j in defs.jobs} == {"alpha__all", "beta__all"}
@@ -63,7 +66,8 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
         result = materialize_experiment(exp, storage, instance)
         assert result.success
         mats = {e.asset_key.to_user_string(): e for e in result.get_asset_materialization_events()}
-        assert set(mats) == {"tiny/training_set", "tiny/base_model", "tiny/query_set"}
+        assert set(mats) == {f"tiny/{n}" for n in ("training_set", "base_model", "query_set", "features_dtrak",
+                                                    "scores_dtrak", "scores_pixel")}
         meta = mats["tiny/base_model"].materialization.metadata
         assert meta["parameters"].value > 1000 and meta["steps"].value == 30
         assert "data:image/png;base64," in meta["samples"].value
@@ -87,7 +91,8 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
     wh = storage.warehouse()
     lin = wh.query("SELECT asset_key, data_version, input_data_versions, code_version, run_id "
                    "FROM diffattr.lineage ORDER BY created_at")
-    assert lin.asset_key.tolist() == ["tiny/training_set", "tiny/base_model", "tiny/query_set"]
+    assert lin.asset_key.tolist()[:3] == ["tiny/training_set", "tiny/base_model", "tiny/query_set"]
+    assert len(lin) == 6
     versions = dict(zip(lin.asset_key, lin.data_version))
     assert versions["tiny/base_model"] == model.digest
     assert json.loads(lin.input_data_versions[1]) == {"tiny/training_set": versions["tiny/training_set"]}
@@ -96,4 +101,4 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
     runs = wh.query("SELECT n_train, steps, digest FROM diffattr.training_runs").values.tolist()
     assert runs == [[64, 30, model.digest]]
     text = summary(exp, storage)
-    assert "duckdb -readonly" in text and "base_model" in text
+    assert "duckdb -readonly" in text and "base_model" in text and "dtrak" in text

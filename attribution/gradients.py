@@ -1,0 +1,289 @@
+"""Batched per-sample gradients of an output function for a diffusers UNet (DESIGN.md 1.1-1.3).
+
+The hot path of feature computation.  Per-sample gradients come from ``torch.func``
+(``vmap(grad(functional_call(...)))``): one vectorised forward/backward for the whole batch, never a Python loop
+over samples.  Timesteps are handled by a loop over *chunks of timesteps* (not over samples): each sample runs a
+forward of ``timestep_chunk`` noised copies of itself and the gradient of their summed output is accumulated, so
+the (B, p) accumulator is the only p-sized buffer besides the per-chunk gradient.
+
+Typical feature-store use::
+
+    engine = GradientEngine(unet, NoiseSchedule.from_scheduler(scheduler), "square")
+    t_sets = timesteps("uniform", 10, 1000, ids)                     # (B, K)
+    G = engine.averaged_grads(x0, t_sets, common_noise_fn(seed, x0.shape[1:]))   # (B, p) float32
+    phi = projector.project(G)                                        # (B, k)
+
+Averaging over timesteps happens *before* projection; since the projection is linear this equals averaging
+projected per-timestep gradients, at 1/K of the projection cost.
+
+Notes
+-----
+* The engine puts the model in ``eval()`` mode and, when it contains diffusers ``Attention`` modules, switches
+  them to the classic ``AttnProcessor``: SDPA has no CPU batching rule for ``vmap``.  Both are numerically
+  equivalent to training-time behaviour up to float rounding (no dropout is used by the papers' models at
+  attribution time).
+* The selected parameters are *views* of the model's own tensors (``detach()`` shares storage), so
+  ``model.load_state_dict(checkpoint)`` between calls (TracIn over checkpoints) is picked up without rebuilding.
+* Results are deterministic for a fixed batch: running a shard with the same row boundaries reproduces the
+  full run's rows bit for bit.  Different batch sizes may round differently (vmap picks kernels by shape).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from .models import use_classic_attention
+from .outputs import NoiseSchedule, get_output_function
+
+__all__ = ["select_parameters", "GradientEngine", "EpsSource"]
+
+# eps for averaged_grads: a tensor (B, K, C, H, W) or (B, K, R, C, H, W), or eps_fn(t, row) / eps_fn(t, row, draw)
+EpsSource = Tensor | Callable[..., Tensor]
+
+
+def select_parameters(
+    model: nn.Module, names: Callable[[str], bool] | Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """The parameters to differentiate, in the model's ``named_parameters()`` order (a fixed, documented order).
+
+    ``names``: ``None`` = every parameter with ``requires_grad`` (a LoRA-wrapped model has only the adapters
+    trainable); a predicate on the parameter name; or an explicit list of names (unknown names raise).
+    Returns detached tensors that share storage with the model's parameters.
+    """
+    named = dict(model.named_parameters())
+    if names is None:
+        keep = [n for n, p in named.items() if p.requires_grad]
+    elif callable(names):
+        keep = [n for n in named if names(n)]
+    else:
+        wanted = set(names)
+        unknown = sorted(wanted - set(named))
+        if unknown:
+            raise ValueError(f"unknown parameter names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        keep = [n for n in named if n in wanted]
+    if not keep:
+        raise ValueError("parameter selection is empty")
+    return {n: named[n].detach() for n in keep}
+
+
+def _default_forward(model: nn.Module) -> Callable:
+    """forward(call, x_t, t, cond) -> eps_pred for UNet2DModel (cond = class labels) or UNet2DConditionModel."""
+    conditional = getattr(getattr(model, "config", None), "cross_attention_dim", None) is not None
+
+    def forward(call: Callable, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        if cond is None:
+            out = call(x_t, t)
+        elif conditional:
+            out = call(x_t, t, encoder_hidden_states=cond)
+        else:
+            out = call(x_t, t, class_labels=cond)
+        return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+
+    return forward
+
+
+class GradientEngine:
+    """Per-sample gradients of ``f(x0, t, eps) = output(model(add_noise(x0, eps, t), t), eps, t)``.
+
+    Parameters
+    ----------
+    model: a diffusers ``UNet2DModel`` (eps prediction) or any module with the same call convention.
+    schedule: the training noise schedule.
+    output: an output-function name from :data:`attribution.outputs.OUTPUT_FUNCTIONS`.
+    param_filter: passed to :func:`select_parameters` (None = all trainable parameters).
+    chunk_size: ``vmap`` chunk size over samples (bounds activation memory; None = whole batch at once).
+    timestep_chunk: default number of timesteps (x noise draws) run together in one per-sample forward in
+        :meth:`averaged_grads`; larger is faster and uses more activation memory.  Changes rounding only.
+    forward: optional ``forward(call, x_t, t, cond) -> eps_pred`` where ``call(*args, **kw)`` runs the model
+        with the engine's parameters (default: ``call(x_t, t).sample``; with ``cond``, class labels for a
+        UNet2DModel, ``encoder_hidden_states`` for a UNet2DConditionModel).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        output: str,
+        param_filter: Callable[[str], bool] | Sequence[str] | None = None,
+        chunk_size: int | None = None,
+        timestep_chunk: int = 8,
+        forward: Callable | None = None,
+    ) -> None:
+        self.model = model
+        model.eval()
+        self.num_attention_modules = use_classic_attention(model)
+        self.schedule = schedule
+        self.output = output
+        self.output_fn = get_output_function(output)
+        self.params = select_parameters(model, param_filter)
+        self.param_names: list[str] = list(self.params)
+        self.param_shapes: list[torch.Size] = [p.shape for p in self.params.values()]
+        self.param_numels: list[int] = [p.numel() for p in self.params.values()]
+        self.num_params: int = int(sum(self.param_numels))
+        frozen = {n: p.detach() for n, p in model.named_parameters() if n not in self.params}
+        frozen.update({n: b.detach() for n, b in model.named_buffers()})
+        self._frozen = frozen
+        self.chunk_size = chunk_size
+        if timestep_chunk < 1:
+            raise ValueError("timestep_chunk must be >= 1")
+        self.timestep_chunk = int(timestep_chunk)
+        self._forward = forward or _default_forward(model)
+        self._vmapped: dict[bool, Callable] = {}
+
+    # ------------------------------------------------------------------ core
+    def _objective(self, params: Mapping[str, Tensor], x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None):
+        """One sample (no batch dim): x0 (C,H,W), t (m,), eps (m,C,H,W) -> sum of the m outputs."""
+        m = t.shape[0]
+        x = x0.unsqueeze(0).expand((m,) + tuple(x0.shape))
+        x_t = self.schedule.add_noise(x, eps, t)
+        c = None if cond is None else cond.unsqueeze(0).expand((m,) + tuple(cond.shape))
+        merged = {**self._frozen, **params}
+
+        def call(*args, **kwargs):
+            return functional_call(self.model, merged, args, kwargs)
+
+        pred = self._forward(call, x_t, t, c)
+        return self.output_fn(pred, eps, t, self.schedule).sum()
+
+    def _batched_grad(self, with_cond: bool) -> Callable:
+        if with_cond not in self._vmapped:
+            in_dims = (None, 0, 0, 0, 0 if with_cond else None)
+            self._vmapped[with_cond] = vmap(grad(self._objective), in_dims=in_dims, chunk_size=self.chunk_size)
+        return self._vmapped[with_cond]
+
+    def flatten(self, grads: Mapping[str, Tensor]) -> Tensor:
+        """dict of (B, *shape) gradients -> (B, p) float32 in ``param_names`` order."""
+        B = next(iter(grads.values())).shape[0]
+        return torch.cat([grads[n].reshape(B, -1) for n in self.param_names], dim=1).to(torch.float32)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """(..., p) -> dict of (..., *shape) in ``param_names`` order (views)."""
+        parts = torch.split(flat, self.param_numels, dim=-1)
+        lead = tuple(flat.shape[:-1])
+        return {n: v.reshape(lead + tuple(s)) for n, v, s in zip(self.param_names, parts, self.param_shapes)}
+
+    def _grads_multi(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None) -> Tensor:
+        """x0 (B,C,H,W), t (B,m), eps (B,m,C,H,W) -> (B,p) gradient of sum_m f per sample."""
+        g = self._batched_grad(cond is not None)(self.params, x0, t, eps, cond)
+        return self.flatten(g)
+
+    @staticmethod
+    def _check(x0: Tensor, t: Tensor) -> None:
+        if x0.ndim != 4:
+            raise ValueError(f"x0 must be (B, C, H, W), got shape {tuple(x0.shape)}")
+        if t.shape[0] != x0.shape[0]:
+            raise ValueError(f"timesteps have batch {t.shape[0]} but x0 has {x0.shape[0]}")
+
+    # ------------------------------------------------------------------ public API
+    def per_sample_grads(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """(B, p) float32: row i = grad_theta f(x0[i], t[i], eps[i]).  t: (B,) long, eps: (B, C, H, W)."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        self._check(x0, t)
+        if eps.shape != x0.shape:
+            raise ValueError(f"eps shape {tuple(eps.shape)} != x0 shape {tuple(x0.shape)}")
+        return self._grads_multi(x0, t.reshape(-1, 1), eps.unsqueeze(1), cond)
+
+    def _eps_chunk(self, eps: EpsSource, x0: Tensor, t_sets: Tensor, ks: range, draws: int) -> Tensor:
+        """(B, len(ks) * draws, C, H, W) noise for timestep columns ks, ordered (k, draw)."""
+        B = x0.shape[0]
+        if isinstance(eps, Tensor):
+            if eps.ndim == x0.ndim + 1:  # (B, K, C, H, W)
+                if draws != 1:
+                    raise ValueError("noise_draws > 1 needs eps of shape (B, K, R, C, H, W) or a callable")
+                e = eps[:, ks.start : ks.stop]
+            elif eps.ndim == x0.ndim + 2:  # (B, K, R, C, H, W)
+                if eps.shape[2] != draws:
+                    raise ValueError(f"eps has {eps.shape[2]} draws but noise_draws={draws}")
+                e = eps[:, ks.start : ks.stop].reshape((B, len(ks) * draws) + tuple(x0.shape[1:]))
+            else:
+                raise ValueError(f"eps tensor must be (B,K,C,H,W) or (B,K,R,C,H,W), got {tuple(eps.shape)}")
+            return e.to(dtype=x0.dtype, device=x0.device)
+        rows = []
+        for row in range(B):
+            per = []
+            for k in ks:
+                tk = int(t_sets[row, k])
+                for r in range(draws):
+                    per.append(eps(tk, row) if draws == 1 else eps(tk, row, r))
+            rows.append(torch.stack(per))
+        return torch.stack(rows).to(dtype=x0.dtype, device=x0.device)
+
+    def averaged_grads(
+        self,
+        x0: Tensor,
+        t_sets: Tensor,
+        eps: EpsSource,
+        cond: Tensor | None = None,
+        *,
+        noise_draws: int = 1,
+        normalize_per_timestep: bool = False,
+        timestep_chunk: int | None = None,
+    ) -> Tensor:
+        """(B, p) float32: (1/K) sum_k g_k with g_k = (1/R) sum_r grad f(x0, t_sets[:, k], eps_{k,r}).
+
+        ``eps``: a tensor (B, K, C, H, W) (R = 1) or (B, K, R, C, H, W), or a callable ``eps_fn(t, row)``
+        (``eps_fn(t, row, draw)`` when ``noise_draws > 1``) returning (C, H, W), row = index in this batch
+        (see :func:`attribution.timesteps.common_noise_fn` / :func:`~attribution.timesteps.sample_noise_fn`).
+        ``normalize_per_timestep``: divide each g_k by its L2 norm before averaging (Diffusion-ReTrac queries).
+        """
+        t_sets = torch.as_tensor(t_sets, dtype=torch.long)
+        if t_sets.ndim != 2:
+            raise ValueError(f"t_sets must be (B, K), got shape {tuple(t_sets.shape)}")
+        self._check(x0, t_sets)
+        B, K = t_sets.shape
+        R = int(noise_draws)
+        if R < 1:
+            raise ValueError("noise_draws must be >= 1")
+        if normalize_per_timestep:
+            acc = torch.zeros(B, self.num_params, dtype=torch.float32)
+            for k in range(K):
+                g = self._timestep_grad(x0, t_sets, eps, cond, k, R)
+                acc += g / _row_norms(g)
+            return acc.div_(K)
+        tc = max(1, (timestep_chunk or self.timestep_chunk) // R)
+        acc = None
+        for start in range(0, K, tc):
+            ks = range(start, min(K, start + tc))
+            t_chunk = t_sets[:, ks.start : ks.stop].repeat_interleave(R, dim=1)
+            e = self._eps_chunk(eps, x0, t_sets, ks, R)
+            g = self._grads_multi(x0, t_chunk, e, cond)
+            acc = g if acc is None else acc.add_(g)
+        return acc.div_(K * R)
+
+    def _timestep_grad(self, x0, t_sets, eps, cond, k: int, R: int) -> Tensor:
+        t_chunk = t_sets[:, k : k + 1].repeat_interleave(R, dim=1)
+        e = self._eps_chunk(eps, x0, t_sets, range(k, k + 1), R)
+        return self._grads_multi(x0, t_chunk, e, cond).div_(R)
+
+    def query_grads_per_timestep(
+        self,
+        x0: Tensor,
+        t_sets: Tensor,
+        eps: EpsSource,
+        cond: Tensor | None = None,
+        *,
+        noise_draws: int = 1,
+        normalize: bool = False,
+    ) -> Tensor:
+        """(B, K, p) float32: g_k per timestep column (averaged over R noise draws), optionally L2-normalised.
+
+        Memory is B*K*p floats; use :meth:`averaged_grads` with ``normalize_per_timestep=True`` when only the
+        ReTrac average is needed.  Journey-TRAK per-step query gradients are the R-draw case with K = 1 per step.
+        """
+        t_sets = torch.as_tensor(t_sets, dtype=torch.long)
+        self._check(x0, t_sets)
+        B, K = t_sets.shape
+        out = torch.empty(B, K, self.num_params, dtype=torch.float32)
+        for k in range(K):
+            g = self._timestep_grad(x0, t_sets, eps, cond, k, int(noise_draws))
+            out[:, k] = g / _row_norms(g) if normalize else g
+        return out
+
+
+def _row_norms(g: Tensor) -> Tensor:
+    """(B, 1) L2 norms, with 1 in place of 0 so that an all-zero gradient stays zero."""
+    n = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+    return torch.where(n > 0, n, torch.ones_like(n))

@@ -1,0 +1,303 @@
+"""Seeded random projections P (k x p) of per-sample gradients (DESIGN.md 1.1).
+
+No projector ever materialises a p x k matrix, and the projection of a row depends only on (the row, p, k, seed,
+projector parameters): never on the batch it arrives in, the shard, or the thread count.  A sharded feature run
+is therefore bit-identical to an unsharded one.  Accumulation is in float64; the result is cast to float32 once.
+
+=====================  ===============================  ===========================  ===================================
+name                   time (B rows)                    memory                       accuracy of <Px, Py> (unit x, y)
+=====================  ===============================  ===========================  ===================================
+gaussian               O(p k) N(0,1) draws per call     one k x b block (~8 MiB),    JL: std of the error ~ sqrt(2/k);
+                       (~11 ns each, single thread)     or k p 4 bytes when cached   all n(n-1)/2 pairs within eps when
+                       + 2 B p k flops (f64 GEMM)       (k p 4 <= max_cache_bytes)   k >~ 8 ln(n) / eps^2
+rademacher             as gaussian; the +-1 draws cost  as gaussian                  as gaussian (sub-Gaussian entries)
+                       ~5 ns each (8 signs per random
+                       byte)
+countsketch (default)  O(B p) (~5 ns per entry): one    hash cache 5 bytes/param     unbiased; Var = (1 + <x,y>^2 -
+                       scatter-add per column chunk,    (p <= max_cache_bytes / 5)   2 sum x_j^2 y_j^2) / k <= 2/k, i.e.
+                       + O(p) hashing once                                           Gaussian-like variance, but heavier
+                                                                                     tails (failure prob ~ 1/(k eps^2))
+countsketch_gaussian   O(B p) + O(m k) draws + 2 B m k  hash cache + m x k f32       Gaussian tails at width k on top of
+                       flops (m = 4k by default)                                     a countsketch of width m >> k
+identity               O(B p) copy                      none                         exact (k must equal p)
+=====================  ===============================  ===========================  ===================================
+
+How bit-identity is obtained
+----------------------------
+* Every random quantity is generated in fixed blocks of the p axis, block j from a ``torch.Generator`` seeded by
+  a BLAKE2 hash of (seed, j): the block width depends only on k (recorded in :meth:`Projector.spec`), so P is a
+  pure function of (p, k, seed).
+* countsketch: ``scatter_add_`` along the k axis adds a row's entries in ascending parameter order, one row per
+  (serial) inner loop, so a row's sums do not depend on the other rows or on the threads.
+* dense (gaussian / rademacher / the m x k stage): a float64 GEMM of a *whole batch* rounds a row differently
+  depending on the batch size (MKL uses other kernels for 1-2 rows; measured) and on the thread count (MKL splits
+  the work differently; measured with 2 threads on a 40-row batch).  So rows are multiplied in zero-padded tiles of
+  exactly ``TILE_ROWS`` rows, copied into one 64-byte-aligned float64 buffer of fixed shape, so that every row goes
+  through an identical GEMM call.  With 8-row tiles the float64 results were already identical for 1 and 2
+  threads on the development machine; as a guard for machines with more threads (where MKL may split a tile's
+  work differently) the dense stage also runs with ``torch.set_num_threads(1)`` (restored afterwards, under a
+  lock).  Generating P is single-threaded anyway (cost comparable to the GEMM: p=7e5, k=1024, B=32 took ~8 s
+  generation + ~12 s GEMM on one core), so the guard costs at most the GEMM's parallel speed-up; run shards in
+  parallel processes instead.  The tests check row-alone vs in-batch (float64 accumulators included) and
+  1 vs 2 threads with ``torch.equal``.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .runtime import single_thread, stable_seed
+
+__all__ = [
+    "Projector",
+    "GaussianProjector",
+    "RademacherProjector",
+    "CountSketchProjector",
+    "CountSketchGaussianProjector",
+    "IdentityProjector",
+    "PROJECTORS",
+    "DEFAULT_PROJECTOR",
+    "make_projector",
+    "TILE_ROWS",
+]
+
+TILE_ROWS = 8  # rows per dense GEMM call (fixed, so that a row's arithmetic never depends on the batch)
+DENSE_BLOCK_ELEMENTS = 1 << 20  # k x b elements per generated dense block (8 MiB in float64)
+HASH_BLOCK = 1 << 16  # parameters per countsketch hash block
+SCATTER_CHUNK = 1 << 12  # columns per scatter_add_ call (speed only; does not change the result)
+DEFAULT_MAX_CACHE_BYTES = 256 << 20
+
+def _generator(*key: int, domain: str) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(stable_seed(domain, *key))
+    return g
+
+
+class Projector(ABC):
+    """Base: ``project(G (B, p)) -> (B, k) float32`` with a seeded P (k x p); ``spec()`` identifies P."""
+
+    name: str = "base"
+
+    def __init__(self, p: int, k: int, seed: int = 0) -> None:
+        p, k = int(p), int(k)
+        if p < 1 or k < 1:
+            raise ValueError(f"projector needs p >= 1 and k >= 1, got p={p}, k={k}")
+        self.p, self.k, self.seed = p, k, int(seed)
+
+    def spec(self) -> dict:
+        """Everything that determines P (store it with the features; compare it on reload)."""
+        return {"name": self.name, "p": self.p, "k": self.k, "seed": self.seed}
+
+    def _check(self, G: Tensor) -> None:
+        if G.ndim != 2 or G.shape[1] != self.p:
+            raise ValueError(f"{self.name} projector expects (B, {self.p}) input, got {tuple(G.shape)}")
+
+    def project(self, G: Tensor) -> Tensor:
+        """(B, p) -> (B, k) float32.  Row i of the result depends only on G[i] (bit for bit)."""
+        self._check(G)
+        return self._project64(G.detach().cpu()).to(torch.float32)
+
+    @abstractmethod
+    def _project64(self, G: Tensor) -> Tensor:
+        """(B, p) (float32 or float64) -> (B, k) float64."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.spec().items() if k != 'name')})"
+
+
+class IdentityProjector(Projector):
+    """No projection (k must equal p): the features are the gradients themselves (TracIn/ReTrac as published)."""
+
+    name = "identity"
+
+    def __init__(self, p: int, k: int | None = None, seed: int = 0) -> None:
+        k = p if k is None else k
+        if int(k) != int(p):
+            raise ValueError(f"identity projector needs k == p, got k={k}, p={p}")
+        super().__init__(p, k, seed)
+
+    def project(self, G: Tensor) -> Tensor:
+        self._check(G)
+        return G.detach().cpu().to(torch.float32, copy=True)
+
+    def _project64(self, G: Tensor) -> Tensor:
+        return G.to(torch.float64)
+
+
+class _DenseProjector(Projector):
+    """P generated in column blocks of width ``block_size`` (a function of k only), block j seeded by (seed, j)."""
+
+    def __init__(
+        self,
+        p: int,
+        k: int,
+        seed: int = 0,
+        block_size: int | None = None,
+        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    ) -> None:
+        super().__init__(p, k, seed)
+        if block_size is None:
+            block_size = max(64, (DENSE_BLOCK_ELEMENTS // self.k) // 64 * 64)
+        self.block_size = int(block_size)
+        self.num_blocks = math.ceil(self.p / self.block_size)
+        self._cache: dict[int, Tensor] | None = {} if 4 * self.k * self.p <= max_cache_bytes else None
+
+    def spec(self) -> dict:
+        return {**super().spec(), "block_size": self.block_size}
+
+    @abstractmethod
+    def _generate(self, gen: torch.Generator, rows: int, cols: int) -> Tensor:
+        """A (rows, cols) float32 block of P's entries (unscaled)."""
+
+    def _block(self, j: int) -> Tensor:
+        """Block j of P, (k, width) float32 unscaled."""
+        if self._cache is not None and j in self._cache:
+            return self._cache[j]
+        lo = j * self.block_size
+        width = min(self.block_size, self.p - lo)
+        blk = self._generate(_generator(self.seed, j, domain=f"projector/{self.name}"), self.k, width)
+        if self._cache is not None:
+            self._cache[j] = blk
+        return blk
+
+    def block(self, j: int) -> Tensor:
+        """Columns [j*block_size, (j+1)*block_size) of P, scaled (for inspection and tests)."""
+        return self._block(j).to(torch.float64) / math.sqrt(self.k)
+
+    def _project64(self, G: Tensor) -> Tensor:
+        B = G.shape[0]
+        out = torch.zeros(B, self.k, dtype=torch.float64)
+        if B == 0:
+            return out
+        bs = self.block_size
+        with single_thread():
+            tile = torch.empty(TILE_ROWS, bs, dtype=torch.float64)
+            for j in range(self.num_blocks):
+                lo = j * bs
+                width = min(bs, self.p - lo)
+                # zero-padded to the full block width so every tile has the same shape and row alignment
+                pt = torch.zeros(bs, self.k, dtype=torch.float64)
+                pt[:width] = self._block(j).T
+                for r in range(0, B, TILE_ROWS):
+                    nr = min(TILE_ROWS, B - r)
+                    tile.zero_()
+                    tile[:nr, :width] = G[r : r + nr, lo : lo + width]
+                    out[r : r + nr] += torch.mm(tile, pt)[:nr]
+        return out.mul_(1.0 / math.sqrt(self.k))
+
+
+class GaussianProjector(_DenseProjector):
+    """P_ij ~ N(0, 1/k) (the TRAK / D-TRAK reference projection)."""
+
+    name = "gaussian"
+
+    def _generate(self, gen: torch.Generator, rows: int, cols: int) -> Tensor:
+        return torch.randn(rows, cols, generator=gen, dtype=torch.float32)
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+class RademacherProjector(_DenseProjector):
+    """P_ij = +-1/sqrt(k) with equal probability (8 signs per random byte)."""
+
+    name = "rademacher"
+
+    def _generate(self, gen: torch.Generator, rows: int, cols: int) -> Tensor:
+        n = rows * cols
+        raw = torch.randint(0, 256, ((n + 7) // 8,), generator=gen, dtype=torch.uint8)
+        bits = ((raw.unsqueeze(1) >> _BIT_SHIFTS) & 1).reshape(-1)[:n]
+        return (bits.to(torch.float32) * 2.0 - 1.0).reshape(rows, cols)
+
+
+class CountSketchProjector(Projector):
+    """Parameter j goes to bucket h(j) in [0, k) with sign s(j): (PG)_b = sum_{j: h(j)=b} s(j) G_j.  No scaling
+    is needed: E <Px, Py> = <x, y>.  Hashes are drawn in blocks of ``HASH_BLOCK`` parameters seeded by (seed, block)."""
+
+    name = "countsketch"
+
+    def __init__(self, p: int, k: int, seed: int = 0, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES) -> None:
+        super().__init__(p, k, seed)
+        self.num_blocks = math.ceil(self.p / HASH_BLOCK)
+        self._cache: dict[int, tuple[Tensor, Tensor]] | None = {} if 5 * self.p <= max_cache_bytes else None
+
+    def spec(self) -> dict:
+        return {**super().spec(), "hash_block": HASH_BLOCK}
+
+    def _hash(self, j: int) -> tuple[Tensor, Tensor]:
+        """(buckets int32, signs int8) for hash block j."""
+        if self._cache is not None and j in self._cache:
+            return self._cache[j]
+        width = min(HASH_BLOCK, self.p - j * HASH_BLOCK)
+        gen = _generator(self.seed, j, domain="projector/countsketch")
+        buckets = torch.randint(0, self.k, (width,), generator=gen, dtype=torch.int64).to(torch.int32)
+        signs = (torch.randint(0, 2, (width,), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.int8)
+        if self._cache is not None:
+            self._cache[j] = (buckets, signs)
+        return buckets, signs
+
+    def buckets_and_signs(self) -> tuple[Tensor, Tensor]:
+        """The full hash (p,) int64 buckets and (p,) float64 signs (for inspection and tests)."""
+        hs = [self._hash(j) for j in range(self.num_blocks)]
+        return torch.cat([h.long() for h, _ in hs]), torch.cat([s.double() for _, s in hs])
+
+    def _project64(self, G: Tensor) -> Tensor:
+        B = G.shape[0]
+        out = torch.zeros(B, self.k, dtype=torch.float64)
+        if B == 0:
+            return out
+        # columns go in sub-chunks that keep the float64 source in cache; any chunking gives the same bits,
+        # because scatter_add_ adds each row's entries serially in ascending column order
+        for j in range(self.num_blocks):
+            lo = j * HASH_BLOCK
+            buckets, signs = self._hash(j)
+            for c in range(0, buckets.shape[0], SCATTER_CHUNK):
+                idx = buckets[c : c + SCATTER_CHUNK].to(torch.int64)
+                sgn = signs[c : c + SCATTER_CHUNK].to(torch.float64)
+                src = G[:, lo + c : lo + c + idx.shape[0]].to(torch.float64).mul_(sgn)
+                out.scatter_add_(1, idx.unsqueeze(0).expand(B, idx.shape[0]), src)
+        return out
+
+
+class CountSketchGaussianProjector(Projector):
+    """CountSketch to an intermediate width m (default 4k), then a dense seeded m x k Gaussian (N(0, 1/k))."""
+
+    name = "countsketch_gaussian"
+
+    def __init__(
+        self, p: int, k: int, seed: int = 0, m: int | None = None, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES
+    ) -> None:
+        super().__init__(p, k, seed)
+        self.m = int(m) if m is not None else 4 * self.k
+        sub = stable_seed("projector/countsketch_gaussian", self.seed)
+        self.sketch = CountSketchProjector(p, self.m, seed=sub, max_cache_bytes=max_cache_bytes)
+        # the m x k stage is small: always cache it
+        self.dense = GaussianProjector(self.m, self.k, seed=sub, max_cache_bytes=max(max_cache_bytes, 4 * self.m * self.k))
+
+    def spec(self) -> dict:
+        return {**super().spec(), "m": self.m, "hash_block": HASH_BLOCK, "block_size": self.dense.block_size}
+
+    def _project64(self, G: Tensor) -> Tensor:
+        return self.dense._project64(self.sketch._project64(G))
+
+
+PROJECTORS: dict[str, type[Projector]] = {
+    "gaussian": GaussianProjector,
+    "rademacher": RademacherProjector,
+    "countsketch": CountSketchProjector,
+    "countsketch_gaussian": CountSketchGaussianProjector,
+    "identity": IdentityProjector,
+}
+DEFAULT_PROJECTOR = "countsketch"
+
+
+def make_projector(name: str, p: int, k: int, seed: int = 0, **kwargs) -> Projector:
+    """The projector called ``name`` (see :data:`PROJECTORS`); ValueError naming the known ones otherwise."""
+    try:
+        cls = PROJECTORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown projector {name!r}; known: {', '.join(PROJECTORS)}") from None
+    return cls(p, k, seed, **kwargs)
