@@ -136,6 +136,32 @@ class AttributionSpec(_Strict):
         return self
 
 
+class LDSSpec(_Strict):
+    """Linear datamodeling score protocol (DESIGN 2): subsets retrained with shared seeds, lambda picked on a
+    selection split, the LDS reported on the rest with a bootstrap interval and the seed-noise ceiling."""
+
+    enabled: bool = True
+    n_subsets: int = Field(default=16, ge=6)
+    alpha: float = Field(default=0.5, gt=0, lt=1)
+    seeds: list[int] = Field(default=[0, 1], min_length=1, description=">= 2 seeds give the noise ceiling")
+    n_selection: int = Field(default=5, ge=3, description="subsets used only to choose lambda")
+    subset_seed: int = 0
+    output_timesteps: int = Field(default=100, ge=1, description="even grid of t for the actual output")
+    output_noises: int = Field(default=2, ge=1, description="noise draws per t for the actual output")
+    output_seed: int = 0
+    lambda_factors: list[float] = Field(default=[1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1)
+    bootstrap: int = Field(default=1000, ge=10)
+
+    @model_validator(mode="after")
+    def _split_leaves_test_subsets(self):
+        if self.n_selection > self.n_subsets - 3:
+            raise ValueError(f"n_selection={self.n_selection} leaves fewer than 3 of n_subsets={self.n_subsets} "
+                             "for the reported LDS (a Spearman correlation needs at least 3 subsets)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a value")
+        return self
+
+
 class Experiment(_Strict):
     name: str
     description: str = ""
@@ -146,6 +172,7 @@ class Experiment(_Strict):
     training: TrainingSpec = TrainingSpec()
     queries: QuerySpec = QuerySpec()
     attribution: AttributionSpec = AttributionSpec()
+    lds: LDSSpec = LDSSpec()
 
     @field_validator("name")
     @classmethod

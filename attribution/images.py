@@ -29,12 +29,50 @@ def image_grid(rows: list[np.ndarray], scale: int = 4, pad: int = 2) -> bytes:
     return buf.getvalue()
 
 
-def line_chart(y: np.ndarray, title: str, xlabel: str, ylabel: str, smooth: int = 1) -> bytes:
+def _figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def bar_chart(df, x: str, y: str, low: str, high: str, hue: str, ceiling: str | None = None,
+              title: str = "") -> bytes:
+    """Grouped bars with interval whiskers (one colour per `hue`), and an optional dashed ceiling per hue."""
+    plt = _pyplot()
+    cats = list(dict.fromkeys(df[x]))
+    hues = list(dict.fromkeys(df[hue]))
+    width = 0.8 / max(len(hues), 1)
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(cats) + 2), 3.4), dpi=90)
+    for h_i, h in enumerate(hues):
+        sub = df[df[hue] == h].set_index(x).reindex(cats)
+        pos = np.arange(len(cats)) + (h_i - (len(hues) - 1) / 2) * width
+        err = np.vstack([sub[y] - sub[low], sub[high] - sub[y]]).clip(min=0)
+        bars = ax.bar(pos, sub[y], width, yerr=err, capsize=3, label=str(h))
+        if ceiling is not None and sub[ceiling].notna().any():
+            ax.axhline(float(sub[ceiling].dropna().iloc[0]), ls="--", lw=1, color=bars.patches[0].get_facecolor(),
+                       label=f"noise ceiling ({h})")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(np.arange(len(cats)), cats, rotation=20)
+    ax.set(title=title, ylabel=y)
+    ax.legend(fontsize=7)
+    return _figure_png(fig)
+
+
+def line_chart(y: np.ndarray, title: str, xlabel: str, ylabel: str, smooth: int = 1) -> bytes:
+    plt = _pyplot()
     y = np.asarray(y, dtype=np.float64)
     if smooth > 1 and len(y) >= smooth:
         y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
@@ -42,8 +80,4 @@ def line_chart(y: np.ndarray, title: str, xlabel: str, ylabel: str, smooth: int 
     ax.plot(np.arange(len(y)) + (smooth if smooth > 1 else 0), y)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _figure_png(fig)

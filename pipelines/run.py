@@ -6,25 +6,116 @@ shows them afterwards.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from contextlib import nullcontext
 import time
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "digits.yaml"
 
 
-def materialize_experiment(exp, storage, instance=None, log_level: str = "INFO"):
+def _log_config(log_level: str) -> dict:
+    return {"loggers": {"console": {"config": {"log_level": log_level}}}}
+
+
+def _downstream(assets, roots: set) -> set:
+    children: dict = {}
+    for a in assets:
+        for dep in a.asset_deps[a.key]:
+            children.setdefault(dep, set()).add(a.key)
+    seen, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def _materialize(assets, selection, storage, instance, log_level, tags, partition_key=None):
+    import dagster as dg
+
+    return dg.materialize(assets, selection=selection, instance=instance, resources={"storage": storage},
+                          partition_key=partition_key, tags=tags, raise_on_error=False,
+                          run_config=_log_config(log_level))
+
+
+def _partition_worker(exp_json: str, storage_config: dict, instance_ref, key_path: list, partition_key: str,
+                      log_level: str) -> tuple[str, bool, str]:
+    """One partition in a fresh process (spawned: torch and dagster state never leak between partitions)."""
+    import json
+
+    import dagster as dg
+
+    from attribution.experiment import parse_experiment
+    from storage.resources import StorageResource
+
+    from .definitions import experiment_assets
+
+    exp = parse_experiment(json.loads(exp_json))
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        result = _materialize(experiment_assets(exp), [dg.AssetKey(key_path)], StorageResource(**storage_config),
+                              instance, log_level, {"diffattr/experiment": exp.name}, partition_key)
+    return partition_key, result.success, result.run_id
+
+
+def materialize_experiment(exp, storage, instance=None, log_level: str = "INFO", workers: int = 1):
+    """Materialize the experiment's whole graph: unpartitioned assets upstream of the partitioned ones, then every
+    partition (in `workers` parallel processes when the instance is persistent), then the rest."""
     import dagster as dg
 
     from .definitions import experiment_assets
 
-    result = dg.materialize(experiment_assets(exp), instance=instance, resources={"storage": storage},
-                            tags={"diffattr/experiment": exp.name}, raise_on_error=False,
-                            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
-    if not result.success:
-        failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        raise SystemExit(f"run {result.run_id} failed at steps {failed}: see the log above, or `make ui` -> Runs")
-    return result
+    assets = experiment_assets(exp)
+    tags = {"diffattr/experiment": exp.name}
+    partitioned = [a for a in assets if a.partitions_def is not None]
+    after_keys = _downstream(assets, {a.key for a in partitioned})
+    before = [a.key for a in assets if a.partitions_def is None and a.key not in after_keys]
+    after = [a.key for a in assets if a.partitions_def is None and a.key in after_keys]
+    failed: list[str] = []
+    results = []
+    ephemeral = instance is None
+    with (dg.DagsterInstance.ephemeral() if ephemeral else nullcontext(instance)) as inst:
+        if before:
+            results.append(_materialize(assets, before, storage, inst, log_level, tags))
+            failed += _failures(results[-1])
+        for a in partitioned if not failed else []:
+            keys = a.partitions_def.get_partition_keys()
+            if workers > 1 and not ephemeral and inst.get_ref() is not None:
+                failed += _run_partitions_in_pool(exp, storage, inst, a.key, keys, log_level, workers)
+            else:
+                for pk in keys:
+                    results.append(_materialize(assets, [a.key], storage, inst, log_level, tags, pk))
+                    failed += [f"{f} [{pk}]" for f in _failures(results[-1])]
+        if after and not failed:
+            results.append(_materialize(assets, after, storage, inst, log_level, tags))
+            failed += _failures(results[-1])
+    if failed:
+        raise SystemExit(f"materialization failed at {failed}: see the log above, or `make ui` -> Runs")
+    return results
+
+
+def _run_partitions_in_pool(exp, storage, instance, key, partition_keys, log_level, workers) -> list[str]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    config = {"root": storage.root, "warehouse_path": storage.warehouse_path}
+    failed = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_partition_worker, exp.model_dump_json(), config, instance.get_ref(), key.path,
+                               str(pk), log_level) for pk in partition_keys]
+        for done, fut in enumerate(as_completed(futures), 1):
+            pk, ok, run_id = fut.result()
+            print(f"[{done}/{len(futures)}] {key.to_user_string()} partition {pk}: "
+                  f"{'ok' if ok else 'FAILED (run ' + run_id + ')'}", flush=True)
+            if not ok:
+                failed.append(f"{key.to_user_string()} [{pk}]")
+    return failed
+
+
+def _failures(result) -> list[str]:
+    return [e.step_key for e in result.all_events if e.is_step_failure]
 
 
 def summary(exp, storage) -> str:
@@ -52,6 +143,8 @@ def summary(exp, storage) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", nargs="?", default=str(DEFAULT_EXPERIMENT), help="experiment YAML file")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel processes for partitions (default: CPU count / torch_threads)")
     args = parser.parse_args(argv)
 
     import dagster as dg
@@ -65,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     storage = StorageResource()
+    if args.workers is None:
+        args.workers = max(1, (os.cpu_count() or 1) // exp.torch_threads)
     start = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        materialize_experiment(exp, storage, instance)
+        materialize_experiment(exp, storage, instance, workers=args.workers)
     print(f"\nExperiment '{exp.name}' materialized in {time.perf_counter() - start:.0f} s.\n")
     print(summary(exp, storage))
     return 0

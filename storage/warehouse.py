@@ -38,6 +38,16 @@ TABLES: dict[str, str] = {
         experiment VARCHAR, method VARCHAR, kind VARCHAR, scorer VARCHAR, kernel_lambda DOUBLE, n_queries INTEGER,
         n_train INTEGER, top_k INTEGER, unique_in_top_k INTEGER, top_k_slots INTEGER, max_top_k_frequency DOUBLE,
         most_frequent JSON, url VARCHAR, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "model_outputs": """
+        experiment VARCHAR, subset INTEGER, seed INTEGER, query_id INTEGER, query_kind VARCHAR, output DOUBLE,
+        run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "lds": """
+        experiment VARCHAR, method VARCHAR, kind VARCHAR, spec JSON, kernel_lambda DOUBLE, query_set VARCHAR,
+        value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, noise_ceiling DOUBLE, n_subsets INTEGER, n_queries INTEGER,
+        n_seeds INTEGER, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "lds_lambda_sweep": """
+        experiment VARCHAR, method VARCHAR, kernel_lambda DOUBLE, lambda_factor DOUBLE, selection_lds DOUBLE,
+        run_id VARCHAR, created_at TIMESTAMPTZ""",
 }
 
 

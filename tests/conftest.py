@@ -18,6 +18,11 @@ def pytest_configure(config):
 import pytest  # noqa: E402
 
 
+def materialization_events(results) -> dict:
+    """asset key string -> materialization event, over the runs of a materialize_experiment call."""
+    return {e.asset_key.to_user_string(): e for r in results for e in r.get_asset_materialization_events()}
+
+
 def tiny_experiment_dict(name: str = "tiny") -> dict:
     """A whole experiment that trains and samples in seconds on one CPU thread."""
     return {
@@ -28,6 +33,8 @@ def tiny_experiment_dict(name: str = "tiny") -> dict:
         "queries": {"n_generated": 3, "n_heldout": 2, "sampling_steps": 4, "seed": 5},
         "attribution": {"proj_dim": 32, "batch_size": 8, "shard_rows": 16, "top_k": 3,
                         "methods": {"dtrak": {"kind": "trak", "output": "square", "K": 3}, "pixel": {"kind": "pixel"}}},
+        "lds": {"n_subsets": 6, "seeds": [0, 1], "n_selection": 3, "output_timesteps": 10, "output_noises": 1,
+                "lambda_factors": [0.1, 1.0], "bootstrap": 50},
     }
 
 

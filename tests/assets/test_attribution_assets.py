@@ -11,7 +11,7 @@ from pipelines.run import materialize_experiment
 from storage.features import FeatureStore
 from storage.resources import StorageResource
 from storage.scores import load_scores
-from tests.conftest import tiny_experiment_dict
+from tests.conftest import materialization_events, tiny_experiment_dict
 
 METHODS = {
     "dtrak": {"kind": "trak", "output": "square", "K": 4},
@@ -26,6 +26,7 @@ def experiment(**training):
     d = tiny_experiment_dict()
     d["training"].update(training)
     d["attribution"] = {"proj_dim": 48, "batch_size": 8, "shard_rows": 16, "top_k": 4, "methods": METHODS}
+    d["lds"]["enabled"] = False
     return parse_experiment(d)
 
 
@@ -34,8 +35,8 @@ def run(tmp_path_factory):
     storage = StorageResource(root=str(tmp_path_factory.mktemp("art")))
     exp = experiment()
     with dg.instance_for_test() as instance:
-        result = materialize_experiment(exp, storage, instance, log_level="WARNING")
-        yield exp, storage, instance, result
+        results = materialize_experiment(exp, storage, instance, log_level="WARNING")
+        yield exp, storage, instance, results
 
 
 def test_graph_groups(run):
@@ -76,8 +77,8 @@ def test_top_attributions_table_matches_score_matrix(run):
 
 
 def test_metadata_has_the_proponent_grid(run):
-    *_, result = run
-    meta = {e.asset_key.path[1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    *_, results = run
+    meta = {k.split("/")[1]: e.materialization.metadata for k, e in materialization_events(results).items()}
     assert meta["scores_dtrak"]["queries_and_top_proponents"].value.startswith("![each row")
     assert meta["features_tracin"]["shards_computed"].value == 2 * (4 + 1)  # 2 ckpts x (train 4 + query 1 shards)
 

@@ -14,7 +14,7 @@ from pipelines.experiments import load_experiments
 from pipelines.run import materialize_experiment, summary
 from storage.datasets import load_image_dataset
 from storage.models import StoredModel
-from tests.conftest import tiny_experiment_dict
+from tests.conftest import materialization_events, tiny_experiment_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,11 +41,12 @@ def test_one_prefixed_graph_per_experiment():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    names = ("training_set", "base_model", "query_set", "features_dtrak", "scores_dtrak", "scores_pixel")
+    names = ("training_set", "base_model", "query_set", "features_dtrak", "scores_dtrak", "scores_pixel",
+             "lds_subsets", "subset_models", "model_outputs", "lds")
     assert keys == {f"{e}/{n}" for e in ("alpha", "beta") for n in names}
     for k in graph.get_all_asset_keys():
         node = graph.get(k)
-        assert node.group_name in {"data", "models", "features", "attribution"} and node.description
+        assert node.group_name in {"data", "models", "features", "attribution", "evaluation"} and node.description
     assert graph.get(dg.AssetKey(["alpha", "scores_pixel"])).parent_keys == {
         dg.AssetKey(["alpha", "query_set"]), dg.AssetKey(["alpha", "training_set"])}
     assert graph.get(dg.AssetKey(["alpha", "query_set"])).parent_keys == {
@@ -63,11 +64,12 @@ def test_duplicate_experiment_names_are_refused(tmp_path):
 def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storage):
     exp = tiny_experiment
     with dg.instance_for_test() as instance:
-        result = materialize_experiment(exp, storage, instance)
-        assert result.success
-        mats = {e.asset_key.to_user_string(): e for e in result.get_asset_materialization_events()}
+        results = materialize_experiment(exp, storage, instance)
+        assert all(r.success for r in results)
+        mats = materialization_events(results)
         assert set(mats) == {f"tiny/{n}" for n in ("training_set", "base_model", "query_set", "features_dtrak",
-                                                    "scores_dtrak", "scores_pixel")}
+                                                    "scores_dtrak", "scores_pixel", "lds_subsets", "subset_models",
+                                                    "model_outputs", "lds")}
         meta = mats["tiny/base_model"].materialization.metadata
         assert meta["parameters"].value > 1000 and meta["steps"].value == 30
         assert "data:image/png;base64," in meta["samples"].value
@@ -91,14 +93,29 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
     wh = storage.warehouse()
     lin = wh.query("SELECT asset_key, data_version, input_data_versions, code_version, run_id "
                    "FROM diffattr.lineage ORDER BY created_at")
-    assert lin.asset_key.tolist()[:3] == ["tiny/training_set", "tiny/base_model", "tiny/query_set"]
-    assert len(lin) == 6
-    versions = dict(zip(lin.asset_key, lin.data_version))
+    order = lin.asset_key.tolist()
+    assert order[0] == "tiny/training_set" and order.index("tiny/base_model") < order.index("tiny/query_set")
+    assert len(lin) == 7 + 12 + 2  # 7 unpartitioned before the partitions, 6 subsets x 2 seeds, model_outputs, lds
+    first = lin.drop_duplicates("asset_key").set_index("asset_key")
+    versions = first.data_version.to_dict()
     assert versions["tiny/base_model"] == model.digest
-    assert json.loads(lin.input_data_versions[1]) == {"tiny/training_set": versions["tiny/training_set"]}
-    assert json.loads(lin.input_data_versions[2]) == {k: versions[k] for k in ("tiny/base_model", "tiny/training_set")}
-    assert lin.run_id.nunique() == 1 and all(lin.code_version.str.startswith("1-"))
-    runs = wh.query("SELECT n_train, steps, digest FROM diffattr.training_runs").values.tolist()
-    assert runs == [[64, 30, model.digest]]
+    assert json.loads(first.input_data_versions["tiny/base_model"]) == {
+        "tiny/training_set": versions["tiny/training_set"]}
+    assert json.loads(first.input_data_versions["tiny/query_set"]) == {
+        k: versions[k] for k in ("tiny/base_model", "tiny/training_set")}
+    assert all(lin.code_version.str.startswith("1-"))
+    runs = wh.query("SELECT n_train, steps, digest FROM diffattr.training_runs WHERE model = 'base_model'")
+    assert runs.values.tolist() == [[64, 30, model.digest]]
+    subset_runs = wh.query("SELECT n_train, partition_key FROM diffattr.training_runs WHERE model = 'subset_model'")
+    assert len(subset_runs) == 12 and (subset_runs.n_train == 32).all()
+    lds = wh.query("SELECT method, query_set, value, ci_low, ci_high, noise_ceiling, kernel_lambda, n_subsets "
+                   "FROM diffattr.lds ORDER BY method, query_set")
+    assert lds[["method", "query_set"]].values.tolist() == [
+        [m, q] for m in ("dtrak", "pixel") for q in ("all", "generated", "heldout")]
+    assert (lds.n_subsets == 3).all() and lds.noise_ceiling.notna().all()
+    assert lds.kernel_lambda.notna().tolist() == [True] * 3 + [False] * 3
+    assert ((lds.ci_low <= lds.value) & (lds.value <= lds.ci_high)).all()
+    sweep = wh.query("SELECT lambda_factor FROM diffattr.lds_lambda_sweep WHERE method = 'dtrak'")
+    assert sorted(sweep.lambda_factor) == [0.1, 1.0]
     text = summary(exp, storage)
     assert "duckdb -readonly" in text and "base_model" in text and "dtrak" in text

@@ -1,0 +1,243 @@
+"""Evaluation assets (DESIGN 2): LDS subsets, subset models retrained per (subset, seed) partition, the actual
+model outputs, and the LDS of every method with its bootstrap interval, the chosen lambda and the noise ceiling."""
+import dagster as dg
+
+from attribution.experiment import Experiment
+from storage.resources import StorageResource
+
+from .common import code_version, finish, key, png_markdown, setup_torch
+
+DATA, MODELS, EVAL = "data", "models", "evaluation"
+KERNEL_SCORERS = ("kernel", "relative_if", "renormalized_if")
+
+
+def subset_partitions(exp: Experiment) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition({
+        "subset": dg.StaticPartitionsDefinition([subset_key(i) for i in range(exp.lds.n_subsets)]),
+        "seed": dg.StaticPartitionsDefinition([str(s) for s in exp.lds.seeds]),
+    })
+
+
+def subset_key(i: int) -> str:
+    return f"s{i:03d}"
+
+
+def subset_model_name(subset: int, seed: int) -> str:
+    return f"subsets/{subset_key(subset)}_seed{seed}"
+
+
+def build(exp: Experiment) -> list[dg.AssetsDefinition]:
+    if not exp.lds.enabled:
+        return []
+    lds = exp.lds
+
+    @dg.asset(
+        key=key(exp, "lds_subsets"),
+        group_name=DATA,
+        kinds={"numpy"},
+        deps=[key(exp, "training_set")],
+        code_version=code_version("1", exp, "data", "lds"),
+        description=f"{lds.n_subsets} random subsets keeping {lds.alpha:.0%} of the training set; "
+                    f"{lds.n_selection} are reserved for choosing lambda, the rest give the reported LDS.",
+    )
+    def lds_subsets(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        import hashlib
+
+        import numpy as np
+
+        from attribution.lds import sample_subsets, split_subsets
+        from storage.artefacts import save_arrays
+        from storage.datasets import load_image_dataset
+
+        paths = storage.paths(exp.name)
+        train, _ = load_image_dataset(paths.dataset("train_images"))
+        masks = sample_subsets(len(train), lds.n_subsets, lds.alpha, lds.subset_seed)
+        selection, test = split_subsets(lds.n_subsets, lds.n_selection, lds.subset_seed)
+        save_arrays(paths.dataset("lds_subsets"), {"masks": masks, "selection": selection, "test": test})
+        version = hashlib.sha256(masks.tobytes() + selection.tobytes()).hexdigest()
+        return finish(context, storage, exp, version, {
+            "n_subsets": lds.n_subsets, "subset_size": int(masks[0].sum()), "selection": str(selection.tolist()),
+            "test": str(test.tolist())})
+
+    @dg.asset(
+        key=key(exp, "subset_models"),
+        group_name=MODELS,
+        kinds={"pytorch", "diffusers"},
+        partitions_def=subset_partitions(exp),
+        deps=[key(exp, "lds_subsets"), key(exp, "training_set")],
+        code_version=code_version("1", exp, "model", "training", "lds"),
+        description="One model per (subset, seed), retrained from scratch with the base recipe. A seed gives the "
+                    "same initialisation and random streams for every subset (common random numbers).",
+    )
+    def subset_models(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        from attribution.models import build_scheduler, count_parameters
+        from attribution.training import train_ddpm
+        from storage.artefacts import load_arrays
+        from storage.datasets import load_image_dataset
+        from storage.models import save_model
+        from storage.warehouse import now
+
+        device = setup_torch(exp)
+        dims = context.partition_key.keys_by_dimension
+        subset, seed = int(dims["subset"][1:]), int(dims["seed"])
+        paths = storage.paths(exp.name)
+        train, _ = load_image_dataset(paths.dataset("train_images"))
+        masks = load_arrays(paths.dataset("lds_subsets"), "LDS subsets (materialize lds_subsets)")[0]["masks"]
+        images = train.images[masks[subset]]
+        context.log.info(f"subset {subset} ({len(images)} images), seed {seed}: {exp.training.steps} steps")
+        result = train_ddpm(images, exp.model, exp.training, seed=seed, device=device)
+        name = subset_model_name(subset, seed)
+        digest = save_model(paths.model(name), result.unet, build_scheduler(exp.model),
+                            meta={"subset": subset, "seed": seed, "wall_seconds": result.wall_seconds})
+        final_loss = float(result.loss_curve[-min(100, len(result.loss_curve)):].mean())
+        storage.warehouse().replace_rows("training_runs", [dict(
+            experiment=exp.name, model="subset_model", partition_key=context.partition_key, n_train=len(images),
+            steps=exp.training.steps, batch_size=exp.training.batch_size, parameters=count_parameters(result.unet),
+            final_loss=final_loss, wall_seconds=result.wall_seconds, digest=digest, run_id=context.run.run_id,
+            created_at=now())], {"experiment": exp.name, "model": "subset_model",
+                                 "partition_key": context.partition_key})
+        return finish(context, storage, exp, digest, {"subset": subset, "seed": seed, "n_train": len(images),
+                                                      "final_loss": final_loss,
+                                                      "wall_seconds": round(result.wall_seconds, 1)})
+
+    @dg.asset(
+        key=key(exp, "model_outputs"),
+        group_name=EVAL,
+        kinds={"pytorch", "zarr", "duckdb"},
+        deps=[key(exp, "subset_models"), key(exp, "query_set"), key(exp, "lds_subsets")],
+        code_version=code_version("1", exp, "lds"),
+        description=f"Each query's DDPM loss under every subset model, averaged over {lds.output_timesteps} "
+                    f"timesteps x {lds.output_noises} noises shared by all models.",
+    )
+    def model_outputs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        import hashlib
+
+        import numpy as np
+        import pandas as pd
+
+        from attribution.evaluation import query_losses
+        from attribution.outputs import NoiseSchedule
+        from storage.artefacts import IncompleteArtefactError, load_arrays
+        from storage.models import StoredModel
+        from storage.scores import save_scores
+        from storage.warehouse import now
+
+        device = setup_torch(exp)
+        paths = storage.paths(exp.name)
+        queries = load_arrays(paths.dataset("query_set"), "query set (materialize query_set)")[0]
+        out = np.zeros((len(queries["images"]), lds.n_subsets, len(lds.seeds)))
+        missing = []
+        rows = []
+        for i in range(lds.n_subsets):
+            for r, seed in enumerate(lds.seeds):
+                try:
+                    model = StoredModel(paths.model(subset_model_name(i, seed)))
+                except IncompleteArtefactError:
+                    missing.append(f"{subset_key(i)}|{seed}")
+                    continue
+                out[:, i, r] = query_losses(model.load_unet(device), NoiseSchedule.from_scheduler(
+                    model.load_scheduler()), queries["images"], n_timesteps=lds.output_timesteps,
+                    n_noises=lds.output_noises, seed=lds.output_seed, device=device)
+                rows += [(exp.name, i, seed, q, str(queries["kind"][q]), float(out[q, i, r]))
+                         for q in range(out.shape[0])]
+        if missing:
+            raise IncompleteArtefactError(f"subset_models partitions {missing} are not materialized: materialize "
+                                          "them (e.g. a backfill of subset_models) before model_outputs")
+        save_scores(paths.scores("model_outputs"), {"outputs": out}, {"seeds": list(lds.seeds)})
+        df = pd.DataFrame(rows, columns=["experiment", "subset", "seed", "query_id", "query_kind", "output"])
+        df["run_id"], df["created_at"] = context.run.run_id, now()
+        storage.warehouse().replace_rows("model_outputs", df, {"experiment": exp.name})
+        seed_sd = float(out.std(axis=2, ddof=1).mean()) if len(lds.seeds) > 1 else None
+        return finish(context, storage, exp, hashlib.sha256(out.tobytes()).hexdigest(), {
+            "shape": str(out.shape), "mean_output": float(out.mean()),
+            "between_subset_sd": float(out.mean(axis=2).std(axis=1, ddof=1).mean()),
+            "within_subset_seed_sd": seed_sd})
+
+    method_scores = [key(exp, f"scores_{n}") for n in exp.attribution.methods]
+
+    @dg.asset(
+        key=key(exp, "lds"),
+        group_name=EVAL,
+        kinds={"numpy", "duckdb"},
+        deps=[key(exp, "model_outputs"), key(exp, "lds_subsets"), *method_scores],
+        code_version=code_version("1", exp, "lds", "attribution"),
+        description="Linear datamodeling score of every method on the test subsets (Spearman of predicted vs "
+                    "actual output, mean over queries, bootstrap 95% CI), lambda chosen on the selection subsets "
+                    "only, and the noise ceiling a perfect predictor could reach given the seed-to-seed variance.",
+    )
+    def lds_scores(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        import hashlib
+
+        import pandas as pd
+
+        from attribution.images import bar_chart
+        from storage.warehouse import now
+
+        table, sweep = evaluate_lds(exp, storage)
+        created = now()
+        for df in (table, sweep):
+            df["experiment"], df["run_id"], df["created_at"] = exp.name, context.run.run_id, created
+        wh = storage.warehouse()
+        wh.replace_rows("lds", table, {"experiment": exp.name})
+        wh.replace_rows("lds_lambda_sweep", sweep, {"experiment": exp.name})
+        shown = table[table.query_set != "all"]
+        chart = bar_chart(shown, "method", "value", "ci_low", "ci_high", "query_set", ceiling="noise_ceiling",
+                          title=f"LDS ({exp.name}, {int(table.n_subsets.iloc[0])} test subsets)")
+        context.log.info("\n" + table.to_string(index=False))
+        md = pd.DataFrame(table[["method", "query_set", "value", "ci_low", "ci_high", "noise_ceiling",
+                                 "kernel_lambda"]]).round(4).to_markdown(index=False)
+        return finish(context, storage, exp, hashlib.sha256(table.to_json().encode()).hexdigest(), {
+            "lds_chart": png_markdown(chart, "LDS per method with 95% CI; dashed: noise ceiling"),
+            "lds_table": dg.MetadataValue.md(md),
+        })
+
+    return [lds_subsets, subset_models, model_outputs, lds_scores]
+
+
+def evaluate_lds(exp: Experiment, storage):
+    """-> (lds table, lambda sweep table) as DataFrames (without lineage columns)."""
+    import numpy as np
+    import pandas as pd
+
+    from attribution.lds import choose_lambda, lds_with_ci, noise_ceiling
+    from storage.artefacts import load_arrays
+    from storage.datasets import load_image_dataset
+    from storage.scores import load_scores
+
+    from .scores import compute_scores
+
+    lds = exp.lds
+    paths = storage.paths(exp.name)
+    train, _ = load_image_dataset(paths.dataset("train_images"))
+    queries = load_arrays(paths.dataset("query_set"))[0]
+    subsets = load_arrays(paths.dataset("lds_subsets"))[0]
+    outputs = load_scores(paths.scores("model_outputs"), ("outputs",))[0]["outputs"].astype(np.float64)
+    masks, sel, test = subsets["masks"], subsets["selection"], subsets["test"]
+    actual = outputs.mean(axis=2)
+    query_sets = {"generated": queries["kind"] == "generated", "heldout": queries["kind"] == "heldout",
+                  "all": np.ones(len(queries["kind"]), bool)}
+    ceilings = {qs: (noise_ceiling(outputs[m][:, test, :])["spearman"] if len(lds.seeds) > 1 and m.any() else None)
+                for qs, m in query_sets.items()}
+    rows, sweep_rows = [], []
+    for name, method in exp.attribution.methods.items():
+        lam = None
+        if method.kind in ("trak", "journey_trak") and method.scorer in KERNEL_SCORERS:
+            by_lambda, factor_of = {}, {}
+            for factor in lds.lambda_factors:
+                arrays, value = compute_scores(paths, name, method, factor, train, queries)
+                by_lambda[value], factor_of[value] = arrays["scores"], factor
+            lam, sweep = choose_lambda(by_lambda, masks[sel], actual[:, sel])
+            scores = by_lambda[lam]
+            sweep_rows += [dict(method=name, kernel_lambda=v, lambda_factor=factor_of[v], selection_lds=s)
+                           for v, s in sweep.items()]
+        else:
+            scores = load_scores(paths.scores(name))[0]["scores"]
+        for qs, m in query_sets.items():
+            if not m.any():
+                continue
+            res = lds_with_ci(scores[m], masks[test], actual[m][:, test], n_boot=lds.bootstrap, seed=0)
+            rows.append(dict(method=name, kind=method.kind, spec=method.model_dump_json(exclude_defaults=True),
+                             kernel_lambda=lam, query_set=qs, value=res.mean, ci_low=res.ci_low,
+                             ci_high=res.ci_high, noise_ceiling=ceilings[qs], n_subsets=res.n_subsets,
+                             n_queries=res.n_queries, n_seeds=len(lds.seeds)))
+    return pd.DataFrame(rows), pd.DataFrame(sweep_rows)
