@@ -174,6 +174,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         from storage.warehouse import now
 
         table, sweep = evaluate_lds(exp, storage)
+        version = hashlib.sha256(table.to_json(double_precision=15).encode()).hexdigest()  # values only
         created = now()
         for df in (table, sweep):
             df["experiment"], df["run_id"], df["created_at"] = exp.name, context.run.run_id, created
@@ -186,7 +187,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         context.log.info("\n" + table.to_string(index=False))
         md = pd.DataFrame(table[["method", "query_set", "value", "ci_low", "ci_high", "noise_ceiling",
                                  "kernel_lambda"]]).round(4).to_markdown(index=False)
-        return finish(context, storage, exp, hashlib.sha256(table.to_json().encode()).hexdigest(), {
+        return finish(context, storage, exp, version, {
             "lds_chart": png_markdown(chart, "LDS per method with 95% CI; dashed: noise ceiling"),
             "lds_table": dg.MetadataValue.md(md),
         })

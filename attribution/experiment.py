@@ -162,6 +162,16 @@ class LDSSpec(_Strict):
         return self
 
 
+class CounterfactualSpec(_Strict):
+    """Remove a generated query's top proponents, retrain, regenerate with the same seed (DESIGN 2)."""
+
+    enabled: bool = True
+    n_queries: int = Field(default=2, ge=1, description="the first n generated queries")
+    remove: int = Field(default=100, ge=1, description="training images removed per query (D-TRAK: 1000 of 5000)")
+    methods: list[str] = Field(default=["dtrak"], description="methods compared with removing random images")
+    encoder_steps: int = Field(default=400, ge=1, description="training steps of the in-domain image encoder")
+
+
 class Experiment(_Strict):
     name: str
     description: str = ""
@@ -173,6 +183,7 @@ class Experiment(_Strict):
     queries: QuerySpec = QuerySpec()
     attribution: AttributionSpec = AttributionSpec()
     lds: LDSSpec = LDSSpec()
+    counterfactual: CounterfactualSpec = CounterfactualSpec()
 
     @field_validator("name")
     @classmethod
@@ -180,6 +191,20 @@ class Experiment(_Strict):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
             raise ValueError("must be lower_snake_case (it becomes the Dagster asset-key prefix)")
         return v
+
+    @model_validator(mode="after")
+    def _references_exist(self):
+        cf = self.counterfactual
+        unknown = [m for m in cf.methods if m not in self.attribution.methods] if cf.enabled else []
+        if unknown:
+            raise ValueError(f"counterfactual.methods {unknown} are not in attribution.methods "
+                             f"{sorted(self.attribution.methods)}")
+        if cf.enabled and cf.n_queries > self.queries.n_generated:
+            raise ValueError(f"counterfactual.n_queries={cf.n_queries} exceeds queries.n_generated="
+                             f"{self.queries.n_generated}")
+        if cf.enabled and cf.remove >= self.data.train_size:
+            raise ValueError(f"counterfactual.remove={cf.remove} must be below data.train_size={self.data.train_size}")
+        return self
 
     def section_json(self, *sections: str) -> str:
         """Canonical JSON of some sections: the part of the spec an artefact depends on (its code-version input)."""

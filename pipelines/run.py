@@ -133,6 +133,13 @@ def summary(exp, storage) -> str:
     if len(attribution):
         lines += ["Attribution (unique_top_k: distinct training images among all queries' top-k proponents):",
                   attribution.to_string(index=False), ""]
+    lds = wh.query(
+        "SELECT method, query_set, round(value, 3) AS lds, '[' || round(ci_low, 3) || ', ' || round(ci_high, 3) || ']' "
+        "AS ci95, round(noise_ceiling, 3) AS ceiling, round(kernel_lambda, 4) AS lambda, n_subsets, n_queries "
+        "FROM diffattr.lds WHERE experiment = ? AND query_set != 'all' ORDER BY query_set, value DESC", [exp.name])
+    if len(lds):
+        lines += ["LDS on the test subsets (bootstrap 95% CI over queries; ceiling: best LDS reachable given "
+                  "seed-to-seed training noise):", lds.to_string(index=False), ""]
     lines += ["See the results with SQL:",
               f"  duckdb -readonly {wh.path} \"SELECT method, query_id, rank, train_id, train_group, "
               f"round(score, 4) AS score FROM diffattr.top_attributions WHERE experiment = '{exp.name}' AND "

@@ -90,3 +90,27 @@ class StoredModel:
                 return {}
             with np.load(Path(d) / "record.npz") as z:
                 return {k: z[k] for k in z.files}
+
+
+def save_classifier(url: str, model, config: dict, meta: dict | None = None) -> str:
+    """The in-domain encoder: safetensors weights + the constructor config, atomically."""
+    from safetensors.torch import save_file
+
+    from attribution.runtime import state_dict_digest
+
+    digest = state_dict_digest(model.state_dict())
+    with atomic_directory(url, {"digest": digest, "meta": meta or {}, "config": config}) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    return digest
+
+
+def load_classifier(url: str):
+    from safetensors.torch import load_file
+
+    from attribution.encoder import build_classifier
+
+    marker = read_marker(url, "image encoder (materialize image_encoder)")
+    model = build_classifier(**marker["config"])
+    with local_copy(url) as d:
+        model.load_state_dict(load_file(Path(d) / "model.safetensors"))
+    return model.eval()

@@ -45,6 +45,9 @@ TABLES: dict[str, str] = {
         experiment VARCHAR, method VARCHAR, kind VARCHAR, spec JSON, kernel_lambda DOUBLE, query_set VARCHAR,
         value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, noise_ceiling DOUBLE, n_subsets INTEGER, n_queries INTEGER,
         n_seeds INTEGER, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "counterfactual": """
+        experiment VARCHAR, method VARCHAR, query_id INTEGER, removed INTEGER, pixel_l2 DOUBLE,
+        embedding_cosine DOUBLE, run_id VARCHAR, created_at TIMESTAMPTZ""",
     "lds_lambda_sweep": """
         experiment VARCHAR, method VARCHAR, kernel_lambda DOUBLE, lambda_factor DOUBLE, selection_lds DOUBLE,
         run_id VARCHAR, created_at TIMESTAMPTZ""",

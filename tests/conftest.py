@@ -35,6 +35,7 @@ def tiny_experiment_dict(name: str = "tiny") -> dict:
                         "methods": {"dtrak": {"kind": "trak", "output": "square", "K": 3}, "pixel": {"kind": "pixel"}}},
         "lds": {"n_subsets": 6, "seeds": [0, 1], "n_selection": 3, "output_timesteps": 10, "output_noises": 1,
                 "lambda_factors": [0.1, 1.0], "bootstrap": 50},
+        "counterfactual": {"n_queries": 1, "remove": 8, "methods": ["dtrak"], "encoder_steps": 20},
     }
 
 

@@ -42,7 +42,8 @@ def test_one_prefixed_graph_per_experiment():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     names = ("training_set", "base_model", "query_set", "features_dtrak", "scores_dtrak", "scores_pixel",
-             "lds_subsets", "subset_models", "model_outputs", "lds")
+             "lds_subsets", "subset_models", "model_outputs", "lds", "image_encoder", "counterfactual_models",
+             "counterfactual")
     assert keys == {f"{e}/{n}" for e in ("alpha", "beta") for n in names}
     for k in graph.get_all_asset_keys():
         node = graph.get(k)
@@ -51,7 +52,8 @@ def test_one_prefixed_graph_per_experiment():
         dg.AssetKey(["alpha", "query_set"]), dg.AssetKey(["alpha", "training_set"])}
     assert graph.get(dg.AssetKey(["alpha", "query_set"])).parent_keys == {
         dg.AssetKey(["alpha", "base_model"]), dg.AssetKey(["alpha", "training_set"])}
-    assert {j.name for j in defs.jobs} == {"alpha__all", "beta__all"}
+    assert {j.name for j in defs.jobs} == {f"{e}__{j}" for e in ("alpha", "beta")
+                                           for j in ("main", "subset_models_job", "counterfactual_models_job")}
 
 
 def test_duplicate_experiment_names_are_refused(tmp_path):
@@ -64,12 +66,16 @@ def test_duplicate_experiment_names_are_refused(tmp_path):
 def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storage):
     exp = tiny_experiment
     with dg.instance_for_test() as instance:
-        results = materialize_experiment(exp, storage, instance)
+        results = materialize_experiment(exp, storage, instance, workers=2)  # partitions in 2 spawned processes
         assert all(r.success for r in results)
         mats = materialization_events(results)
         assert set(mats) == {f"tiny/{n}" for n in ("training_set", "base_model", "query_set", "features_dtrak",
-                                                    "scores_dtrak", "scores_pixel", "lds_subsets", "subset_models",
-                                                    "model_outputs", "lds")}
+                                                    "scores_dtrak", "scores_pixel", "lds_subsets", "model_outputs",
+                                                    "lds", "image_encoder", "counterfactual")}
+        # the partitions ran as separate runs in the worker processes, recorded in the same instance
+        assert len(instance.get_materialized_partitions(dg.AssetKey(["tiny", "subset_models"]))) == 12
+        assert instance.get_materialized_partitions(dg.AssetKey(["tiny", "counterfactual_models"])) == {
+            "q000__dtrak", "q000__random"}
         meta = mats["tiny/base_model"].materialization.metadata
         assert meta["parameters"].value > 1000 and meta["steps"].value == 30
         assert "data:image/png;base64," in meta["samples"].value
@@ -95,7 +101,8 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
                    "FROM diffattr.lineage ORDER BY created_at")
     order = lin.asset_key.tolist()
     assert order[0] == "tiny/training_set" and order.index("tiny/base_model") < order.index("tiny/query_set")
-    assert len(lin) == 7 + 12 + 2  # 7 unpartitioned before the partitions, 6 subsets x 2 seeds, model_outputs, lds
+    # 8 unpartitioned before the partitions, 6 subsets x 2 seeds, 2 counterfactual models, 3 after
+    assert len(lin) == 8 + 12 + 2 + 3
     first = lin.drop_duplicates("asset_key").set_index("asset_key")
     versions = first.data_version.to_dict()
     assert versions["tiny/base_model"] == model.digest
@@ -106,8 +113,16 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
     assert all(lin.code_version.str.startswith("1-"))
     runs = wh.query("SELECT n_train, steps, digest FROM diffattr.training_runs WHERE model = 'base_model'")
     assert runs.values.tolist() == [[64, 30, model.digest]]
-    subset_runs = wh.query("SELECT n_train, partition_key FROM diffattr.training_runs WHERE model = 'subset_model'")
+    subset_runs = wh.query("SELECT n_train, partition_key, digest FROM diffattr.training_runs "
+                           "WHERE model = 'subset_model' ORDER BY partition_key")
     assert len(subset_runs) == 12 and (subset_runs.n_train == 32).all()
+    # a subset model trained in a pool worker equals the same training run here, bit for bit
+    from attribution.runtime import state_dict_digest
+    from attribution.training import train_ddpm
+
+    masks = load_arrays(paths.dataset("lds_subsets"))[0]["masks"]
+    direct = train_ddpm(train.images[masks[2]], exp.model, exp.training, seed=1)
+    assert subset_runs.set_index("partition_key").digest["1|s002"] == state_dict_digest(direct.unet.state_dict())
     lds = wh.query("SELECT method, query_set, value, ci_low, ci_high, noise_ceiling, kernel_lambda, n_subsets "
                    "FROM diffattr.lds ORDER BY method, query_set")
     assert lds[["method", "query_set"]].values.tolist() == [
@@ -117,5 +132,15 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
     assert ((lds.ci_low <= lds.value) & (lds.value <= lds.ci_high)).all()
     sweep = wh.query("SELECT lambda_factor FROM diffattr.lds_lambda_sweep WHERE method = 'dtrak'")
     assert sorted(sweep.lambda_factor) == [0.1, 1.0]
+
+    # counterfactual: the removed set is the query's top proponents; the metrics are recomputable
+    from storage.scores import load_scores
+
+    cf = wh.query("SELECT method, pixel_l2, embedding_cosine FROM diffattr.counterfactual ORDER BY method")
+    assert cf.method.tolist() == ["dtrak", "random"] and (cf.embedding_cosine.abs() <= 1 + 1e-9).all()
+    arr, _ = load_arrays(paths.dataset("counterfactual_q000__dtrak"))
+    top = np.argsort(-load_scores(paths.scores("dtrak"))[0]["scores"][0], kind="stable")[:8]
+    assert sorted(arr["removed"].tolist()) == sorted(top.tolist())
+    np.testing.assert_allclose(cf.pixel_l2[0], np.linalg.norm(arr["regenerated"] - q["images"][0]), rtol=1e-6)
     text = summary(exp, storage)
     assert "duckdb -readonly" in text and "base_model" in text and "dtrak" in text
