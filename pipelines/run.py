@@ -123,8 +123,10 @@ def summary(exp, storage) -> str:
     lines = [f"Artefacts: {storage.paths(exp.name).base}", f"Warehouse: {wh.path}", ""]
     datasets = wh.query("SELECT split, n_images, shape, n_groups FROM diffattr.datasets WHERE experiment = ? "
                         "ORDER BY split DESC", [exp.name])
-    runs = wh.query("SELECT model, n_train, steps, parameters, round(final_loss, 4) AS final_loss, "
-                    "round(wall_seconds, 1) AS wall_s FROM diffattr.training_runs WHERE experiment = ?", [exp.name])
+    runs = wh.query("SELECT model, count(*) AS models, min(n_train) AS n_train, min(steps) AS steps, "
+                    "min(parameters) AS parameters, round(avg(final_loss), 4) AS mean_final_loss, "
+                    "round(avg(wall_seconds), 1) AS mean_wall_s FROM diffattr.training_runs WHERE experiment = ? "
+                    "GROUP BY model ORDER BY min(created_at)", [exp.name])
     attribution = wh.query(
         "SELECT method, kind, scorer, round(kernel_lambda, 4) AS lambda, n_queries, n_train, "
         "unique_in_top_k || '/' || top_k_slots AS unique_top_k FROM diffattr.attribution_runs WHERE experiment = ? "
@@ -140,6 +142,12 @@ def summary(exp, storage) -> str:
     if len(lds):
         lines += ["LDS on the test subsets (bootstrap 95% CI over queries; ceiling: best LDS reachable given "
                   "seed-to-seed training noise):", lds.to_string(index=False), ""]
+    cf = wh.query("SELECT method, count(*) AS queries, round(avg(pixel_l2), 3) AS mean_pixel_l2, "
+                  "round(avg(embedding_cosine), 4) AS mean_embedding_cosine FROM diffattr.counterfactual "
+                  "WHERE experiment = ? GROUP BY method ORDER BY method", [exp.name])
+    if len(cf):
+        lines += ["Counterfactual (regenerated after removing each method's top proponents or random images; larger "
+                  "L2 / lower cosine = the removed images mattered more):", cf.to_string(index=False), ""]
     lines += ["See the results with SQL:",
               f"  duckdb -readonly {wh.path} \"SELECT method, query_id, rank, train_id, train_group, "
               f"round(score, 4) AS score FROM diffattr.top_attributions WHERE experiment = '{exp.name}' AND "
