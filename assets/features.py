@@ -8,10 +8,11 @@ from storage.resources import StorageResource
 from .common import code_version, finish, key, setup_torch
 
 GROUP = "features"
+SIMILARITY_KINDS = ("pixel", "embedding")  # methods scored directly on images, no gradient features
 
 
 def build(exp: Experiment) -> list[dg.AssetsDefinition]:
-    return [_feature_asset(exp, name, m) for name, m in exp.attribution.methods.items() if m.kind != "pixel"]
+    return [_feature_asset(exp, name, m) for name, m in exp.attribution.methods.items() if m.kind not in SIMILARITY_KINDS]
 
 
 def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsDefinition:

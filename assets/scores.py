@@ -18,7 +18,9 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
 def _score_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsDefinition:
     a = exp.attribution
     deps = [key(exp, "training_set"), key(exp, "query_set")]
-    if method.kind != "pixel":
+    if method.kind == "embedding":
+        deps.append(key(exp, "image_encoder"))
+    elif method.kind != "pixel":
         deps.append(key(exp, f"features_{name}"))
 
     @dg.asset(
@@ -109,13 +111,19 @@ def compute_scores(paths, name: str, method: MethodSpec, lambda_factor: float, t
     import numpy as np
 
     from attribution import methods
-    from attribution.scoring import pixel_scores
+    from attribution.scoring import similarity_scores
     from storage.features import FeatureStore
     from storage.models import StoredModel
 
     if method.kind == "pixel":
-        flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
-        return {"scores": pixel_scores(flat(train.images), flat(queries["images"]), method.similarity)}, None
+        return {"scores": similarity_scores(train.images, queries["images"], method.similarity)}, None
+    if method.kind == "embedding":
+        from attribution.encoder import embed
+        from storage.models import load_classifier
+
+        encoder = load_classifier(paths.model("image_encoder"))
+        return {"scores": similarity_scores(embed(encoder, train.images), embed(encoder, queries["images"]),
+                                            method.similarity)}, None
     model = StoredModel(paths.model("base_model"))
     recipes = methods.feature_recipes(name, method, model.n_checkpoints())
     stores = {r.store_name: FeatureStore.open(paths.features(r.store_name)) for r in recipes}

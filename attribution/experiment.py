@@ -79,7 +79,7 @@ OUTPUTS = ("loss", "square", "average", "l1", "l2", "linf", "elbo", "loss_l1")
 class MethodSpec(_Strict):
     """One attribution method. `kind` picks the recipe (DESIGN 1.1-1.4); other keys tune it."""
 
-    kind: Literal["trak", "journey_trak", "tracin", "retrac", "pixel"]
+    kind: Literal["trak", "journey_trak", "tracin", "retrac", "pixel", "embedding"]
     output: str = Field(default="loss", description="output function f (trak); loss or loss_l1 (tracin/retrac)")
     timesteps: Literal["uniform", "random"] = "uniform"
     K: int = Field(default=10, ge=1, description="timesteps per train sample (trak) or query grid (tracin)")
@@ -110,6 +110,7 @@ def default_methods() -> dict[str, MethodSpec]:
         "tracin": MethodSpec(kind="tracin", output="loss", noise_draws=2),
         "retrac": MethodSpec(kind="retrac", output="loss", noise_draws=2),
         "pixel": MethodSpec(kind="pixel", similarity="cosine"),
+        "embedding": MethodSpec(kind="embedding", similarity="cosine"),
     }
 
 

@@ -10,6 +10,7 @@ A method is a set of FeatureRecipes (train and query side, per checkpoint for Tr
 | tracin        | grad loss at the sample's last training timestep | grad loss averaged over a K grid x noise draws  |
 | retrac        | the same, divided by its L2 norm                 | each per-timestep gradient normalized first     |
 | pixel         | none: cosine/dot/-L2 on pixels                   |                                                 |
+| embedding     | none: cosine/dot/-L2 on in-domain encoder embeddings                                               |
 
 Every normalization happens on the full gradient before the (linear) projection, as the papers define it.
 Plain torch/numpy: storage and orchestration live in storage/ and assets/.
@@ -75,7 +76,7 @@ def feature_recipes(name: str, method: MethodSpec, n_checkpoints: int) -> list[F
                                          noise_draws=method.noise_draws,
                                          normalize="per_timestep" if retrac else "none", checkpoint=c))
         return recipes
-    if method.kind == "pixel":
+    if method.kind in ("pixel", "embedding"):
         return []
     raise ValueError(f"unknown method kind {method.kind!r}")
 

@@ -29,7 +29,7 @@ __all__ = [
     "kernel_train_weights",
     "lambda_grid",
     "lambda_scale",
-    "pixel_scores",
+    "similarity_scores",
     "relative_if",
     "renormalized_if",
     "resolve_form",
@@ -269,17 +269,17 @@ def ensemble(score_list: Sequence) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- similarity baselines
-_PIXEL_KINDS = ("dot", "cosine", "neg_l2")
+SIMILARITY_KINDS = ("dot", "cosine", "neg_l2")
 
 
-def pixel_scores(train_images, query_images, kind: str = "cosine") -> np.ndarray:
-    """Raw-pixel similarity baselines on flattened images (DESIGN 1.4), (m, n).
+def similarity_scores(train_images, query_images, kind: str = "cosine") -> np.ndarray:
+    """Similarity baselines (DESIGN 1.4) on flattened vectors, raw pixels or image embeddings: (m, n).
 
     neg_l2 = -||x_i - z|| is computed directly (cdist), not via the norm expansion, so an exact
     duplicate gets exactly 0 and ranks first.
     """
-    if kind not in _PIXEL_KINDS:
-        raise ValueError(f"kind must be one of {_PIXEL_KINDS}, got {kind!r}")
+    if kind not in SIMILARITY_KINDS:
+        raise ValueError(f"kind must be one of {SIMILARITY_KINDS}, got {kind!r}")
     x = np.asarray(train_images, dtype=np.float64)
     z = np.asarray(query_images, dtype=np.float64)
     x, z = _pair(x.reshape(x.shape[0], -1), z.reshape(z.shape[0], -1))

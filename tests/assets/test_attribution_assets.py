@@ -19,6 +19,7 @@ METHODS = {
     "tracin": {"kind": "tracin", "K": 2, "checkpoints": [1, 2]},
     "retrac": {"kind": "retrac", "K": 2, "checkpoints": [1, 2]},
     "pixel": {"kind": "pixel"},
+    "embedding": {"kind": "embedding", "similarity": "cosine"},
 }
 
 
@@ -118,3 +119,19 @@ def test_features_of_another_model_are_refused(run, tmp_path):
     assert not res.success
     failure = [e for e in res.all_events if e.is_step_failure][0]
     assert "computed from another model" in failure.step_failure_data.error.to_string()
+
+
+def test_embedding_baseline_is_cosine_of_encoder_features(run):
+    from attribution.encoder import embed
+    from storage.artefacts import load_arrays
+    from storage.datasets import load_image_dataset
+    from storage.models import load_classifier
+
+    exp, storage, *_ = run
+    paths = storage.paths(exp.name)
+    enc = load_classifier(paths.model("image_encoder"))
+    train, _ = load_image_dataset(paths.dataset("train_images"))
+    q = load_arrays(paths.dataset("query_set"))[0]["images"]
+    a, b = embed(enc, q), embed(enc, train.images)
+    expected = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(load_scores(paths.scores("embedding"))[0]["scores"], expected, rtol=1e-5, atol=1e-6)

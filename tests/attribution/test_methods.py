@@ -9,7 +9,7 @@ from attribution.methods import (
 )
 from attribution.models import build_scheduler, build_unet
 from attribution.outputs import NoiseSchedule, get_output_function
-from attribution.scoring import pixel_scores
+from attribution.scoring import similarity_scores
 from attribution.timesteps import noise, sample_noise
 
 SPEC = ModelSpec(block_out_channels=[8, 16], norm_num_groups=4)
@@ -143,5 +143,5 @@ def test_planted_near_duplicate_is_top_proponent_for_dtrak_and_pixel():
              .rows(x, ids) for r, x, ids in ((recipes[0], train, np.arange(96)), (recipes[1], query, np.array([-1])))]
     scores, lam = trak_scores(MethodSpec(kind="trak", output="square"), feats[0], feats[1], lambda_factor=0.1)
     assert lam > 0 and int(np.argmax(scores[0])) == planted
-    pix = pixel_scores(train.reshape(96, -1), query.reshape(1, -1), "cosine")
+    pix = similarity_scores(train.reshape(96, -1), query.reshape(1, -1), "cosine")
     assert int(np.argmax(pix[0])) == planted

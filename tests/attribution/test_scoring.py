@@ -138,20 +138,20 @@ def test_lambda_scale_and_grid():
     assert sc.lambda_grid(phi).shape == (5,)
 
 
-def test_pixel_scores_rank_planted_duplicate_first():
+def test_similarity_scores_rank_planted_duplicate_first():
     rng = np.random.default_rng(5)
     train = rng.uniform(size=(20, 1, 8, 8))
     train[3] *= 4.0  # a bright image: wins under the raw dot product, must not under cosine / neg_l2
     query = np.stack([train[11].copy(), rng.uniform(size=(1, 8, 8))])
     for kind in ("cosine", "neg_l2"):
-        assert int(np.argmax(sc.pixel_scores(train, query, kind)[0])) == 11, kind
+        assert int(np.argmax(sc.similarity_scores(train, query, kind)[0])) == 11, kind
     x, z = train.reshape(20, -1), query.reshape(2, -1)
-    neg_l2 = sc.pixel_scores(train, query, "neg_l2")
+    neg_l2 = sc.similarity_scores(train, query, "neg_l2")
     assert neg_l2[0, 11] == 0.0
     _close(neg_l2, -np.sqrt(((z[:, None, :] - x[None, :, :]) ** 2).sum(-1)))
-    _close(sc.pixel_scores(train, query, "dot"), z @ x.T)
+    _close(sc.similarity_scores(train, query, "dot"), z @ x.T)
     with pytest.raises(ValueError, match="kind"):
-        sc.pixel_scores(train, query, "l1")
+        sc.similarity_scores(train, query, "l1")
 
 
 # ----------------------------------------------------------------------------- TracIn / ReTrac
