@@ -72,14 +72,17 @@ def train_ddpm(
     *,
     seed: int | None = None,
     device: str = "cpu",
-    init_state: dict | None = None,
+    init_model=None,
     progress: Callable[[int, float], None] | None = None,
     progress_every: int = 200,
 ) -> TrainingResult:
     """Train eps_theta with the DDPM loss on `images` (n, C, H, W) in [-1, 1].
 
-    `seed` defaults to spec.seed; `init_state` starts from given weights (fine-tuning) instead of a fresh init.
+    `seed` defaults to spec.seed. `init_model` fine-tunes a copy of the given model (full or pruned: its own
+    architecture is kept) instead of training a fresh one; the caller's model is left untouched.
     """
+    import copy
+
     import torch
 
     from .models import build_scheduler, build_unet
@@ -88,9 +91,10 @@ def train_ddpm(
         raise ValueError(f"training images must be a non-empty (n, C, H, W) array, got shape {images.shape}")
     seed = spec.seed if seed is None else seed
     n, c, h, w = images.shape
-    unet = build_unet(model_spec, sample_size=h, channels=c, seed=stable_seed("init", seed))
-    if init_state is not None:
-        unet.load_state_dict(init_state)
+    if init_model is None:
+        unet = build_unet(model_spec, sample_size=h, channels=c, seed=stable_seed("init", seed))
+    else:
+        unet = copy.deepcopy(init_model)
     unet.to(device).train()
     scheduler = build_scheduler(model_spec)
     abar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
