@@ -20,11 +20,12 @@ def _store(url: str):
 def save_scores(url: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     import zarr
 
-    group = zarr.open_group(_store(url), mode="w")
+    arrays = {name: np.asarray(values, dtype=np.float32) for name, values in arrays.items()}
     for name, values in arrays.items():
-        values = np.asarray(values, dtype=np.float32)
         if not np.all(np.isfinite(values)):
             raise ValueError(f"score array {name!r} for {url} contains NaN or inf: not saved")
+    group = zarr.open_group(_store(url), mode="w")
+    for name, values in arrays.items():
         arr = group.create_array(name, shape=values.shape, dtype="float32",
                                  chunks=(min(256, max(1, values.shape[0])), *values.shape[1:]))
         arr[...] = values
