@@ -21,13 +21,34 @@ def code_version(base: str, exp: Experiment, *sections: str) -> str:
 
 
 def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, str | None]:
-    """Data versions of the latest materialization of each upstream asset (what this one was computed from)."""
+    """Data versions of the latest materialization of each upstream asset (what this one was computed from); for a
+    partitioned upstream, a digest over every partition's latest version ("<n> partitions:<sha256 prefix>")."""
     versions = {}
     for dep in sorted(context.assets_def.asset_deps[context.asset_key], key=lambda k: k.to_user_string()):
+        partitions = context.instance.get_materialized_partitions(dep)
+        if partitions:
+            versions[dep.to_user_string()] = _partitions_version(context.instance, dep, partitions)
+            continue
         event = context.instance.get_latest_materialization_event(dep)
         tags = event.asset_materialization.tags if event and event.asset_materialization else {}
         versions[dep.to_user_string()] = (tags or {}).get(DATA_VERSION_TAG)
     return versions
+
+
+def _partitions_version(instance, dep: dg.AssetKey, partitions: set) -> str:
+    latest: dict[str, str | None] = {}
+    cursor = None
+    while True:  # records come newest first: the first seen per partition is its latest
+        page = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dep), limit=1000, cursor=cursor)
+        for record in page.records:
+            mat = record.asset_materialization
+            if mat.partition not in latest:
+                latest[mat.partition] = (mat.tags or {}).get(DATA_VERSION_TAG)
+        if not page.has_more:
+            break
+        cursor = page.cursor
+    joined = "|".join(f"{p}={latest.get(p)}" for p in sorted(partitions))
+    return f"{len(partitions)} partitions:{hashlib.sha256(joined.encode()).hexdigest()[:16]}"
 
 
 def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:

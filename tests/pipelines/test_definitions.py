@@ -110,6 +110,9 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
         "tiny/training_set": versions["tiny/training_set"]}
     assert json.loads(first.input_data_versions["tiny/query_set"]) == {
         k: versions[k] for k in ("tiny/base_model", "tiny/training_set")}
+    # downstream of a partitioned asset: a digest over all 12 subset models' versions
+    outputs_inputs = json.loads(first.input_data_versions["tiny/model_outputs"])
+    assert outputs_inputs["tiny/subset_models"].startswith("12 partitions:")
     assert all(lin.code_version.str.startswith("1-"))
     runs = wh.query("SELECT n_train, steps, digest FROM diffattr.training_runs WHERE model = 'base_model'")
     assert runs.values.tolist() == [[64, 30, model.digest]]
