@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "digits.yaml"
+
+
+class MaterializationError(RuntimeError):
+    """A step of the experiment's graph failed; its run is in the Dagster instance with the full log."""
 
 
 def _log_config(log_level: str) -> dict:
@@ -92,7 +96,7 @@ def materialize_experiment(exp, storage, instance=None, log_level: str = "INFO",
             results.append(_materialize(assets, after, storage, inst, log_level, tags))
             failed += _failures(results[-1])
     if failed:
-        raise SystemExit(f"materialization failed at {failed}: see the log above, or `make ui` -> Runs")
+        raise MaterializationError(f"materialization failed at {failed}: see the log above, or `make ui` -> Runs")
     return results
 
 
@@ -177,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = max(1, (os.cpu_count() or 1) // exp.torch_threads)
     start = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        materialize_experiment(exp, storage, instance, workers=args.workers)
+        try:
+            materialize_experiment(exp, storage, instance, workers=args.workers)
+        except MaterializationError as e:
+            print(e, file=sys.stderr)
+            return 1
     print(f"\nExperiment '{exp.name}' materialized in {time.perf_counter() - start:.0f} s.\n")
     print(summary(exp, storage))
     return 0

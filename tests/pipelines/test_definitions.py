@@ -147,3 +147,13 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
     np.testing.assert_allclose(cf.pixel_l2[0], np.linalg.norm(arr["regenerated"] - q["images"][0]), rtol=1e-6)
     text = summary(exp, storage)
     assert "duckdb -readonly" in text and "base_model" in text and "dtrak" in text
+
+
+def test_run_cli_rejects_a_bad_experiment_with_its_key(tmp_path, capsys):
+    from pipelines.run import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlds:\n  n_subsets: 6\n  n_selection: 5\n")
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "key 'lds'" in err and "fewer than 3" in err
