@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import counterfactual, data, evaluation, features, models, scores
+from assets import checks, counterfactual, data, evaluation, features, models, scores
 from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
@@ -14,6 +14,10 @@ STAGES = (data, models, features, scores, evaluation, counterfactual)
 
 def experiment_assets(exp: Experiment) -> list[dg.AssetsDefinition]:
     return [a for stage in STAGES for a in stage.build(exp)]
+
+
+def experiment_checks(exp: Experiment) -> list[dg.AssetChecksDefinition]:
+    return checks.build(exp)
 
 
 def experiment_jobs(exp: Experiment, exp_assets: list[dg.AssetsDefinition]) -> list:
@@ -37,7 +41,8 @@ def build_definitions(experiments: list[Experiment], storage: StorageResource | 
         exp_assets = experiment_assets(exp)
         assets.extend(exp_assets)
         jobs.extend(experiment_jobs(exp, exp_assets))
-    return dg.Definitions(assets=assets, jobs=jobs, resources={"storage": storage or StorageResource()})
+    return dg.Definitions(assets=assets, asset_checks=[c for exp in experiments for c in experiment_checks(exp)], jobs=jobs,
+                          resources={"storage": storage or StorageResource()})
 
 
 defs = build_definitions(load_experiments())

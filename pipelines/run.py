@@ -37,10 +37,11 @@ def _downstream(assets, roots: set) -> set:
     return seen
 
 
-def _materialize(assets, selection, storage, instance, log_level, tags, partition_key=None):
+def _materialize(definitions, selection, storage, instance, log_level, tags, partition_key=None):
+    """One run of the selected assets; their asset checks run in it too (blocking ones stop it on bad data)."""
     import dagster as dg
 
-    return dg.materialize(assets, selection=selection, instance=instance, resources={"storage": storage},
+    return dg.materialize(definitions, selection=selection, instance=instance, resources={"storage": storage},
                           partition_key=partition_key, tags=tags, raise_on_error=False,
                           run_config=_log_config(log_level))
 
@@ -55,11 +56,11 @@ def _partition_worker(exp_json: str, storage_config: dict, instance_ref, key_pat
     from attribution.experiment import parse_experiment
     from storage.resources import StorageResource
 
-    from .definitions import experiment_assets
+    from .definitions import experiment_assets, experiment_checks
 
     exp = parse_experiment(json.loads(exp_json))
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
-        result = _materialize(experiment_assets(exp), [dg.AssetKey(key_path)], StorageResource(**storage_config),
+        result = _materialize(experiment_assets(exp) + experiment_checks(exp), [dg.AssetKey(key_path)], StorageResource(**storage_config),
                               instance, log_level, {"diffattr/experiment": exp.name}, partition_key)
     return partition_key, result.success, result.run_id
 
@@ -69,9 +70,10 @@ def materialize_experiment(exp, storage, instance=None, log_level: str = "INFO",
     partition (in `workers` parallel processes when the instance is persistent), then the rest."""
     import dagster as dg
 
-    from .definitions import experiment_assets
+    from .definitions import experiment_assets, experiment_checks
 
     assets = experiment_assets(exp)
+    definitions = assets + experiment_checks(exp)
     tags = {"diffattr/experiment": exp.name}
     partitioned = [a for a in assets if a.partitions_def is not None]
     after_keys = _downstream(assets, {a.key for a in partitioned})
@@ -82,7 +84,7 @@ def materialize_experiment(exp, storage, instance=None, log_level: str = "INFO",
     ephemeral = instance is None
     with (dg.DagsterInstance.ephemeral() if ephemeral else nullcontext(instance)) as inst:
         if before:
-            results.append(_materialize(assets, before, storage, inst, log_level, tags))
+            results.append(_materialize(definitions, before, storage, inst, log_level, tags))
             failed += _failures(results[-1])
         for a in partitioned if not failed else []:
             keys = a.partitions_def.get_partition_keys()
@@ -90,10 +92,10 @@ def materialize_experiment(exp, storage, instance=None, log_level: str = "INFO",
                 failed += _run_partitions_in_pool(exp, storage, inst, a.key, keys, log_level, workers)
             else:
                 for pk in keys:
-                    results.append(_materialize(assets, [a.key], storage, inst, log_level, tags, pk))
+                    results.append(_materialize(definitions, [a.key], storage, inst, log_level, tags, pk))
                     failed += [f"{f} [{pk}]" for f in _failures(results[-1])]
         if after and not failed:
-            results.append(_materialize(assets, after, storage, inst, log_level, tags))
+            results.append(_materialize(definitions, after, storage, inst, log_level, tags))
             failed += _failures(results[-1])
     if failed:
         raise MaterializationError(f"materialization failed at {failed}: see the log above, or `make ui` -> Runs")
@@ -119,7 +121,10 @@ def _run_partitions_in_pool(exp, storage, instance, key, partition_keys, log_lev
 
 
 def _failures(result) -> list[str]:
-    return [e.step_key for e in result.all_events if e.is_step_failure]
+    steps = [e.step_key for e in result.all_events if e.is_step_failure]
+    checks = [f"check {c.asset_key.to_user_string()}:{c.check_name}" for c in result.get_asset_check_evaluations()
+              if not c.passed]
+    return steps + checks
 
 
 def summary(exp, storage) -> str:

@@ -68,6 +68,10 @@ def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storag
     with dg.instance_for_test() as instance:
         results = materialize_experiment(exp, storage, instance, workers=2)  # partitions in 2 spawned processes
         assert all(r.success for r in results)
+        evaluations = [c for r in results for c in r.get_asset_check_evaluations()]
+        assert {c.check_name for c in evaluations} >= {"stores_complete_and_finite", "score_matrix_finite_and_shaped",
+                                                        "top_attributions_row_count", "lds_rows_valid"}
+        assert all(c.passed for c in evaluations)
         mats = materialization_events(results)
         assert set(mats) == {f"tiny/{n}" for n in ("training_set", "base_model", "query_set", "features_dtrak",
                                                     "scores_dtrak", "scores_pixel", "lds_subsets", "model_outputs",
