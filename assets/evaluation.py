@@ -43,7 +43,6 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
     def lds_subsets(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         import hashlib
 
-        import numpy as np
 
         from attribution.lds import sample_subsets, split_subsets
         from storage.artefacts import save_arrays

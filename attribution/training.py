@@ -49,7 +49,7 @@ def checkpoint_steps(spec: TrainingSpec) -> list[int]:
     return steps
 
 
-def _index_stream(n: int, batch_size: int, steps: int, generator) -> Callable[[], "object"]:
+def _index_stream(n: int, batch_size: int, generator) -> Callable[[], "object"]:
     """Epoch-wise shuffled indices, consumed batch by batch across epoch boundaries."""
     import torch
 
@@ -103,7 +103,7 @@ def train_ddpm(
     data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
     order_gen = torch.Generator().manual_seed(stable_seed("order", seed))
     noise_gen = torch.Generator().manual_seed(stable_seed("noise", seed))
-    next_batch = _index_stream(n, min(spec.batch_size, n), spec.steps, order_gen)
+    next_batch = _index_stream(n, min(spec.batch_size, n), order_gen)
 
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)

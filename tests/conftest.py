@@ -15,6 +15,8 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+from contextlib import contextmanager  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -37,6 +39,19 @@ def tiny_experiment_dict(name: str = "tiny") -> dict:
                 "lambda_factors": [0.1, 1.0], "bootstrap": 50},
         "counterfactual": {"n_queries": 1, "remove": 8, "methods": ["dtrak"], "encoder_steps": 20},
     }
+
+
+@contextmanager
+def materialized(exp, tmp_path_factory):
+    """Materialize a whole experiment once (module-scoped fixtures) -> (storage, instance, results)."""
+    import dagster as dg
+
+    from pipelines.run import materialize_experiment
+    from storage.resources import StorageResource
+
+    storage = StorageResource(root=str(tmp_path_factory.mktemp("art")))
+    with dg.instance_for_test() as instance:
+        yield storage, instance, materialize_experiment(exp, storage, instance, log_level="WARNING")
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ import pytest
 from attribution.experiment import parse_experiment
 from attribution.scoring import kernel_scores, lambda_scale
 from pipelines.definitions import experiment_assets
-from pipelines.run import materialize_experiment
 from storage.features import FeatureStore
-from storage.resources import StorageResource
 from storage.scores import load_scores
-from tests.conftest import materialization_events, tiny_experiment_dict
+from tests.conftest import materialization_events, materialized, tiny_experiment_dict
 
 METHODS = {
     "dtrak": {"kind": "trak", "output": "square", "K": 4},
@@ -33,10 +31,8 @@ def experiment(**training):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    storage = StorageResource(root=str(tmp_path_factory.mktemp("art")))
     exp = experiment()
-    with dg.instance_for_test() as instance:
-        results = materialize_experiment(exp, storage, instance, log_level="WARNING")
+    with materialized(exp, tmp_path_factory) as (storage, instance, results):
         yield exp, storage, instance, results
 
 

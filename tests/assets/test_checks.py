@@ -10,9 +10,7 @@ import pytest
 from assets import checks
 from attribution.experiment import parse_experiment
 from pipelines.definitions import experiment_assets
-from pipelines.run import materialize_experiment
-from storage.resources import StorageResource
-from tests.conftest import tiny_experiment_dict
+from tests.conftest import materialized, tiny_experiment_dict
 
 
 def experiment(name: str = "tiny"):
@@ -23,10 +21,8 @@ def experiment(name: str = "tiny"):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    storage = StorageResource(root=str(tmp_path_factory.mktemp("art")))
     exp = experiment()
-    with dg.instance_for_test() as instance:
-        materialize_experiment(exp, storage, instance, log_level="WARNING")
+    with materialized(exp, tmp_path_factory) as (storage, instance, _):
         yield exp, storage, instance
 
 

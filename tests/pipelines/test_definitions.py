@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attribution.experiment import ExperimentError, parse_experiment
-from pipelines.definitions import build_definitions, experiment_assets
+from pipelines.definitions import build_definitions
 from pipelines.experiments import load_experiments
 from pipelines.run import materialize_experiment, summary
 from storage.datasets import load_image_dataset
