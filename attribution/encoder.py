@@ -78,3 +78,32 @@ def predict_proba(model, images: np.ndarray) -> np.ndarray:
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity."""
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+class ImageModel:
+    """A user's own image model (e.g. a TorchScript export of Inception, loaded from a local file) that maps images
+    in [-1, 1] to (features, logits): the global properties then use it instead of the in-domain classifier."""
+
+    def __init__(self, module, batch_size: int = 64):
+        self.module, self.batch_size = module.eval(), batch_size
+
+    def _outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        feats, logits = [], []
+        with torch.no_grad():
+            for i in range(0, len(images), self.batch_size):
+                out = self.module(torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size], np.float32)))
+                if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                    raise ValueError("the image model must return a (features, logits) pair for a batch of images")
+                feats.append(out[0].reshape(len(out[0]), -1).double().numpy())
+                logits.append(out[1].double().numpy())
+        return np.concatenate(feats), np.concatenate(logits)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return self._outputs(images)[0]
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        logits = self._outputs(images)[1]
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True)

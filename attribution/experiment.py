@@ -173,6 +173,78 @@ class CounterfactualSpec(_Strict):
     encoder_steps: int = Field(default=400, ge=1, description="training steps of the in-domain image encoder")
 
 
+def _finetune_default() -> TrainingSpec:
+    return TrainingSpec(steps=100, lr=1e-3, warmup_steps=10, checkpoints=1)
+
+
+def _recovery_default() -> TrainingSpec:
+    return TrainingSpec(steps=300, lr=1e-3, warmup_steps=20, checkpoints=1)
+
+
+class ShapleySpec(_Strict):
+    """Group attribution (DESIGN 1.5): Shapley values of data contributors for global properties F of the model.
+
+    Coalition models are obtained per `methods` entry (retrain: the ground truth; finetune: the full model
+    fine-tuned on the coalition; sparsified_finetune: the pruned, recovered model fine-tuned on it). The group LDS
+    always uses retrained half-group coalitions."""
+
+    enabled: bool = True
+    groups: list[str] = Field(default_factory=list, description="the contributors, in order (the data's group ids)")
+    properties: list[str] = Field(default=["inception_score", "diversity", "fid"], min_length=1,
+                                  description="registered names or 'module.path:function'; the first is primary")
+    encoder: str | None = Field(default=None, description="local TorchScript image model returning (features, "
+                                "logits), e.g. Inception; default: the in-domain classifier asset")
+    n_images: int = Field(default=256, ge=2, description="images generated per model to compute F")
+    image_seed: int = 20_000
+    sampling_steps: int = Field(default=25, ge=1)
+    reference_clusters: int = Field(default=20, ge=2, description="Ward clusters of the reference set (diversity)")
+    methods: list[Literal["retrain", "finetune", "sparsified_finetune"]] = Field(
+        default=["sparsified_finetune", "finetune"], min_length=1)
+    n_coalitions: int = Field(default=32, ge=2, description="Shapley-kernel coalitions (paired) per method")
+    banzhaf_coalitions: int = Field(default=0, ge=0, description="uniform coalitions for Banzhaf values (0: off)")
+    coalition_seed: int = 0
+    finetune: TrainingSpec = Field(default_factory=_finetune_default, description="per-coalition fine-tuning")
+    prune_ratio: float = Field(default=0.3, gt=0, lt=1, description="structured channel-pruning ratio (sFT)")
+    pruned_finetune: TrainingSpec = Field(default_factory=_recovery_default,
+                                          description="recovery of the pruned model on the full data (sFT)")
+    lds_coalitions: int = Field(default=12, ge=0, description="retrained half-group coalitions for the group LDS "
+                                "(0: off, else >= 3)")
+    counterfactual_fraction: float = Field(default=0.4, gt=0, lt=1, description="share of groups removed")
+    counterfactual_methods: list[str] = Field(default_factory=list, description="estimators whose top / bottom "
+                                              "groups are removed and the model retrained, e.g. shapley_sparsified_finetune")
+    aggregate: list[str] = Field(default=["dtrak"], description="per-sample methods aggregated per group (baseline)")
+    aggregate_how: Literal["sum", "mean", "max"] = "sum"
+    bootstrap: int = Field(default=200, ge=10)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.enabled:
+            return self
+        if len(self.groups) < 2:
+            raise ValueError("shapley.groups must list at least 2 contributor groups (e.g. the digit classes "
+                             "['0', '1', ..., '9']), or set shapley.enabled: false")
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"shapley.groups {self.groups} repeats a group")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"shapley.methods {self.methods} repeats a method")
+        if self.n_coalitions % 2:
+            raise ValueError(f"n_coalitions={self.n_coalitions} must be even (coalitions come with their complements)")
+        if 0 < self.lds_coalitions < 3:
+            raise ValueError("lds_coalitions must be 0 (off) or >= 3 (a Spearman correlation needs 3 points)")
+        unknown = sorted(set(self.counterfactual_methods) - set(self.estimators()))
+        if unknown:
+            raise ValueError(f"counterfactual_methods {unknown} are not estimators of this experiment; choose from "
+                             f"{self.estimators()}")
+        return self
+
+    def estimators(self, per_sample: list[str] | None = None) -> list[str]:
+        """Names of the group-value estimators this spec produces (the `estimator` column of group_values)."""
+        names = [f"shapley_{m}" for m in self.methods] + [f"loo_{m}" for m in self.methods]
+        if self.banzhaf_coalitions:
+            names += [f"banzhaf_{m}" for m in self.methods]
+        return names + [f"{self.aggregate_how}_{a}" for a in (self.aggregate if per_sample is None else per_sample)]
+
+
 class Experiment(_Strict):
     name: str
     description: str = ""
@@ -185,6 +257,7 @@ class Experiment(_Strict):
     attribution: AttributionSpec = AttributionSpec()
     lds: LDSSpec = LDSSpec()
     counterfactual: CounterfactualSpec = CounterfactualSpec()
+    shapley: ShapleySpec = ShapleySpec(enabled=False)
 
     @field_validator("name")
     @classmethod
@@ -205,6 +278,10 @@ class Experiment(_Strict):
                              f"{self.queries.n_generated}")
         if cf.enabled and cf.remove >= self.data.train_size:
             raise ValueError(f"counterfactual.remove={cf.remove} must be below data.train_size={self.data.train_size}")
+        unknown = [m for m in self.shapley.aggregate if m not in self.attribution.methods] if self.shapley.enabled else []
+        if unknown:
+            raise ValueError(f"shapley.aggregate {unknown} are not in attribution.methods "
+                             f"{sorted(self.attribution.methods)}")
         return self
 
     def section_json(self, *sections: str) -> str:

@@ -81,3 +81,15 @@ def line_chart(y: np.ndarray, title: str, xlabel: str, ylabel: str, smooth: int 
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     return _figure_png(fig)
+
+
+def multi_line_chart(table, title: str, xlabel: str, ylabel: str) -> bytes:
+    """One line per column of a DataFrame indexed by x (e.g. each group's estimate vs number of coalitions)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=90)
+    for col in table.columns:
+        ax.plot(table.index, table[col], marker=".", label=str(col))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return _figure_png(fig)

@@ -266,3 +266,23 @@ def group_lds(group_values: np.ndarray, coalitions: np.ndarray, outputs: np.ndar
         raise ValueError(f"outputs must be (m,) = ({coalitions.shape[0]},), one F per coalition, got {outputs.shape}")
     pred = predicted_outputs(phi[None, :], coalitions)
     return float(spearman_rows(pred, outputs[None, :])[0])
+
+
+def group_lds_with_ci(group_values: np.ndarray, coalitions: np.ndarray, outputs: np.ndarray, n_boot: int = 200,
+                      seed: int = 0, level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """group_lds and a percentile bootstrap interval over coalitions (resamples with constant F are skipped)."""
+    value = group_lds(group_values, coalitions, outputs)
+    rng = np.random.default_rng(seed)
+    m = len(outputs)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, m, m)
+        if np.ptp(outputs[idx]) > 0 and len(np.unique(idx)) > 2:
+            boots.append(group_lds(group_values, coalitions[idx], outputs[idx]))
+    boots = np.array(boots)
+    boots = boots[np.isfinite(boots)]
+    if not len(boots):
+        return value, None, None
+    tail = (1 - level) / 2
+    low, high = np.quantile(boots, [tail, 1 - tail])
+    return value, float(low), float(high)

@@ -31,6 +31,7 @@ import scipy.linalg
 __all__ = [
     "PROPERTIES",
     "PropertyContext",
+    "build_context",
     "ReferenceClusters",
     "cluster_entropy",
     "evaluate_property",
@@ -201,6 +202,14 @@ class PropertyContext:
     predict_proba: Callable[[np.ndarray], np.ndarray]
     reference_feats: np.ndarray
     clusters: ReferenceClusters | None = None
+
+
+def build_context(embed: Callable[[np.ndarray], np.ndarray], predict_proba: Callable[[np.ndarray], np.ndarray],
+                  reference_images: np.ndarray, n_clusters: int = 20) -> PropertyContext:
+    """The context every coalition of a run shares: reference features and their clusters, computed once."""
+    feats = embed(reference_images)
+    return PropertyContext(embed=embed, predict_proba=predict_proba, reference_feats=feats,
+                           clusters=fit_reference_clusters(feats, n_clusters))
 
 
 def _inception_score_property(images: np.ndarray, ctx: PropertyContext) -> float:

@@ -5,7 +5,8 @@ concatenations, residuals, GroupNorms, time-embedding projections, attention q/k
 about is diffusers' bookkeeping attributes, so after pruning we re-derive them from the pruned weights:
 `Downsample2D/Upsample2D.channels` (asserted in forward), `ResnetBlock2D.in_channels/out_channels` and the
 Attention dims. The diffusers config still describes the *unpruned* template: a pruned model is saved as a plain
-state dict whose tensor shapes carry the per-layer widths, and reloaded by resizing a freshly built template.
+state dict whose tensor shapes carry the per-layer widths (storage.models.save_model(pruned=True)), and reloaded by
+resizing a freshly built template (load_pruned_state).
 
 GroupNorm: torch-pruning treats a GroupNorm(G) as G channel groups, averages importance over the groups and removes
 the same within-group positions from each, so a width C becomes C - k*G and stays divisible by G. No `round_to` is
@@ -24,13 +25,7 @@ it).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-
-WEIGHTS_FILE = "pruned_unet.safetensors"
-META_FILE = "pruned_unet.json"
-FORMAT = "diffattr-pruned-unet/1"
 
 
 @dataclass
@@ -250,43 +245,4 @@ def load_pruned_state(unet, state_dict: dict):
             m.num_channels = m.weight.shape[0]
     sync_pruned_attributes(unet)
     unet.load_state_dict(state_dict, strict=True)
-    return unet
-
-
-def save_pruned(unet, path) -> Path:
-    """Write a pruned UNet to directory `path`: safetensors of the state dict (shapes carry the pruned widths) and
-    a small JSON header.
-
-    Not torch_pruning.state_dict: that pickles every module's __dict__ (needs torch.load(weights_only=False)), and
-    in torch-pruning 1.6.1 its load_state_dict raises on diffusers' read-only `config` property after it has already
-    swapped in the pickled submodules."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE))
-    meta = {"format": FORMAT, "n_params": _count(unet), "widths": _widths(unet),
-            "template_config": {k: (list(v) if isinstance(v, tuple) else v)
-                                for k, v in dict(unet.config).items() if not k.startswith("_")}}
-    (path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-    return path
-
-
-def load_pruned(path, template_factory):
-    """Rebuild a pruned UNet saved by save_pruned: template_factory() must build the original *unpruned* UNet."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    weights, meta_file = path / WEIGHTS_FILE, path / META_FILE
-    if not weights.is_file() or not meta_file.is_file():
-        raise FileNotFoundError(f"no pruned UNet in {path} (expected {WEIGHTS_FILE} and {META_FILE})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
-    unet = template_factory()
-    _check_supported(unet)
-    load_pruned_state(unet, load_file(str(weights)))
-    if _count(unet) != meta["n_params"] or _widths(unet) != meta["widths"]:
-        raise ValueError(f"{path}: reloaded structure does not match the saved one (wrong template_factory?)")
     return unet

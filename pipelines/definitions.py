@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import checks, counterfactual, data, evaluation, features, models, scores
+from assets import checks, counterfactual, data, evaluation, features, groups, models, scores
 from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from .experiments import load_experiments
 
-STAGES = (data, models, features, scores, evaluation, counterfactual)
+STAGES = (data, models, features, scores, evaluation, counterfactual, groups)
 
 
 def experiment_assets(exp: Experiment) -> list[dg.AssetsDefinition]:

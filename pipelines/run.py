@@ -23,18 +23,30 @@ def _log_config(log_level: str) -> dict:
     return {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
 
-def _downstream(assets, roots: set) -> set:
-    children: dict = {}
-    for a in assets:
-        for dep in a.asset_deps[a.key]:
-            children.setdefault(dep, set()).add(a.key)
-    seen, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
+def execution_waves(assets) -> list[tuple[str, list]]:
+    """The graph in waves: ("run", unpartitioned keys to materialize together) or ("partitions", one partitioned
+    asset to run partition by partition), each only after everything it depends on."""
+    pending = {a.key: a for a in assets}
+    waves: list[tuple[str, list]] = []
+    while pending:
+        batch: list = []
+        grew = True
+        while grew:  # unpartitioned assets none of whose upstreams is still pending
+            grew = False
+            for k, a in list(pending.items()):
+                if a.partitions_def is None and all(d not in pending for d in a.asset_deps[k]):
+                    batch.append(k)
+                    del pending[k]
+                    grew = True
+        if batch:
+            waves.append(("run", batch))
+        ready = [k for k, a in pending.items() if all(d not in pending for d in a.asset_deps[k])]
+        if not ready and not batch:
+            raise MaterializationError(f"cannot order assets {sorted(k.to_user_string() for k in pending)}")
+        for k in ready:
+            waves.append(("partitions", [k]))
+            del pending[k]
+    return waves
 
 
 def _materialize(definitions, selection, storage, instance, log_level, tags, partition_key=None):
@@ -73,30 +85,27 @@ def materialize_experiment(exp, storage, instance=None, log_level: str = "INFO",
     from .definitions import experiment_assets, experiment_checks
 
     assets = experiment_assets(exp)
+    by_key = {a.key: a for a in assets}
     definitions = assets + experiment_checks(exp)
     tags = {"diffattr/experiment": exp.name}
-    partitioned = [a for a in assets if a.partitions_def is not None]
-    after_keys = _downstream(assets, {a.key for a in partitioned})
-    before = [a.key for a in assets if a.partitions_def is None and a.key not in after_keys]
-    after = [a.key for a in assets if a.partitions_def is None and a.key in after_keys]
     failed: list[str] = []
     results = []
     ephemeral = instance is None
     with (dg.DagsterInstance.ephemeral() if ephemeral else nullcontext(instance)) as inst:
-        if before:
-            results.append(_materialize(definitions, before, storage, inst, log_level, tags))
-            failed += _failures(results[-1])
-        for a in partitioned if not failed else []:
-            keys = a.partitions_def.get_partition_keys()
+        for kind, keys in execution_waves(assets):
+            if failed:
+                break
+            if kind == "run":
+                results.append(_materialize(definitions, keys, storage, inst, log_level, tags))
+                failed += _failures(results[-1])
+                continue
+            partition_keys = by_key[keys[0]].partitions_def.get_partition_keys()
             if workers > 1 and not ephemeral and inst.get_ref() is not None:
-                failed += _run_partitions_in_pool(exp, storage, inst, a.key, keys, log_level, workers)
+                failed += _run_partitions_in_pool(exp, storage, inst, keys[0], partition_keys, log_level, workers)
             else:
-                for pk in keys:
-                    results.append(_materialize(definitions, [a.key], storage, inst, log_level, tags, pk))
+                for pk in partition_keys:
+                    results.append(_materialize(definitions, keys, storage, inst, log_level, tags, pk))
                     failed += [f"{f} [{pk}]" for f in _failures(results[-1])]
-        if after and not failed:
-            results.append(_materialize(definitions, after, storage, inst, log_level, tags))
-            failed += _failures(results[-1])
     if failed:
         raise MaterializationError(f"materialization failed at {failed}: see the log above, or `make ui` -> Runs")
     return results

@@ -1,6 +1,7 @@
 """Model store: diffusers `save_pretrained` layout (safetensors), written atomically.
 
-    <model>/unet/                      final weights (EMA when training used EMA)
+    <model>/unet/                      final weights (EMA when training used EMA); a pruned UNet (sFT) keeps the
+                                       unpruned template config and a plain state dict whose shapes carry its widths
     <model>/scheduler/                 noise schedule
     <model>/checkpoints/ckpt_XXXX.safetensors   raw training weights at each checkpoint (TracIn)
     <model>/record.npz                 training record (loss curve, per-checkpoint last timesteps, lrs, ...)
@@ -17,16 +18,27 @@ import numpy as np
 from .artefacts import atomic_directory, local_copy, read_marker
 
 
+PRUNED_WEIGHTS = "pruned_unet.safetensors"
+
+
 def save_model(url: str, unet, scheduler, *, checkpoints: list[dict] | None = None,
-               record: dict[str, np.ndarray] | None = None, meta: dict | None = None) -> str:
-    """Save a model directory atomically and return the weights digest (its data version)."""
+               record: dict[str, np.ndarray] | None = None, meta: dict | None = None, pruned: bool = False) -> str:
+    """Save a model directory atomically and return the weights digest (its data version).
+
+    pruned=True for a channel-pruned UNet: its diffusers config still describes the unpruned template, so
+    save_pretrained would write weights that from_pretrained cannot load."""
     from safetensors.torch import save_file
 
     from attribution.runtime import state_dict_digest
 
     digest = state_dict_digest(unet.state_dict())
-    with atomic_directory(url, {"digest": digest, "meta": meta or {}}) as tmp:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    with atomic_directory(url, {"digest": digest, "meta": meta or {}, "pruned": pruned}) as tmp:
+        if pruned:
+            unet.save_config(tmp / "unet")
+            save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
+                      tmp / "unet" / PRUNED_WEIGHTS)
+        else:
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         if checkpoints:
             (tmp / "checkpoints").mkdir()
@@ -61,7 +73,15 @@ class StoredModel:
         from attribution.models import use_classic_attention
 
         with local_copy(self.url) as d:
-            unet = UNet2DModel.from_pretrained(d / "unet", local_files_only=True)
+            if self.marker.get("pruned"):
+                from safetensors.torch import load_file
+
+                from attribution.pruning import load_pruned_state
+
+                unet = UNet2DModel.from_config(UNet2DModel.load_config(d / "unet"))
+                load_pruned_state(unet, load_file(d / "unet" / PRUNED_WEIGHTS))
+            else:
+                unet = UNet2DModel.from_pretrained(d / "unet", local_files_only=True)
         use_classic_attention(unet)
         return unet.to(device).eval()
 
@@ -114,3 +134,19 @@ def load_classifier(url: str):
     with local_copy(url) as d:
         model.load_state_dict(load_file(Path(d) / "model.safetensors"))
     return model.eval()
+
+
+def load_image_model(path: str):
+    """A user's local TorchScript image model returning (features, logits), wrapped for the global properties."""
+    import torch
+
+    from attribution.encoder import ImageModel
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"shapley.encoder: no file at {path}: export your image model with "
+                                "torch.jit.script(...).save(path) (it must return (features, logits))")
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except RuntimeError as e:
+        raise ValueError(f"shapley.encoder: {path} is not a TorchScript module ({e})") from None
+    return ImageModel(module)

@@ -54,5 +54,9 @@ class ExperimentPaths:
     def scores(self, name: str) -> str:
         return join(self.base, "scores", f"{name}.zarr")
 
+    def result(self, name: str) -> str:
+        """Small result arrays with JSON metadata (a model's generated images and global properties, group values)."""
+        return join(self.base, "results", f"{name}.npz")
+
     def figure(self, name: str) -> str:
         return join(self.base, "figures", f"{name}.png")

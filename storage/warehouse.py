@@ -51,6 +51,22 @@ TABLES: dict[str, str] = {
     "lds_lambda_sweep": """
         experiment VARCHAR, method VARCHAR, kernel_lambda DOUBLE, lambda_factor DOUBLE, selection_lds DOUBLE,
         run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "coalition_runs": """
+        experiment VARCHAR, method VARCHAR, coalition VARCHAR, purpose VARCHAR, n_groups INTEGER, n_train INTEGER,
+        steps INTEGER, parameters BIGINT, wall_seconds DOUBLE, property VARCHAR, value DOUBLE, run_id VARCHAR,
+        created_at TIMESTAMPTZ""",
+    "group_values": """
+        experiment VARCHAR, property VARCHAR, estimator VARCHAR, method VARCHAR, group_name VARCHAR, value DOUBLE,
+        ci_low DOUBLE, ci_high DOUBLE, rank INTEGER, n_coalitions INTEGER, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "shapley_convergence": """
+        experiment VARCHAR, property VARCHAR, method VARCHAR, n_coalitions INTEGER, group_name VARCHAR, value DOUBLE,
+        run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "group_lds": """
+        experiment VARCHAR, property VARCHAR, estimator VARCHAR, value DOUBLE, ci_low DOUBLE, ci_high DOUBLE,
+        n_coalitions INTEGER, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "group_counterfactual": """
+        experiment VARCHAR, estimator VARCHAR, removed VARCHAR, groups_removed JSON, n_train INTEGER, property VARCHAR,
+        value DOUBLE, full_value DOUBLE, change DOUBLE, run_id VARCHAR, created_at TIMESTAMPTZ""",
 }
 
 

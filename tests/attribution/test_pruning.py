@@ -7,7 +7,8 @@ import torch
 
 from attribution.experiment import ModelSpec
 from attribution.models import build_scheduler, build_unet, count_parameters
-from attribution.pruning import PruneReport, load_pruned, load_pruned_state, prune_unet, save_pruned
+from attribution.pruning import PruneReport, load_pruned_state, prune_unet
+from storage.models import StoredModel, save_model
 from attribution.sampling import ddim_sample, image_seeds
 
 SPECS = {
@@ -152,13 +153,15 @@ def test_multi_head_attention_pruned_per_head():
 @pytest.mark.parametrize("name", SPECS)
 def test_save_load_round_trip(pruned, name, tmp_path):
     _, model, _ = pruned[name]
-    save_pruned(model, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["pruned_unet.json", "pruned_unet.safetensors"]
-    loaded = load_pruned(tmp_path / "m", factory(SPECS[name], seed=123))  # template weights are overwritten
+    digest = save_model(str(tmp_path / "m"), model, build_scheduler(SPECS[name]), pruned=True)
+    stored = StoredModel(str(tmp_path / "m"))
+    assert stored.digest == digest and stored.marker["pruned"] is True
+    loaded = stored.load_unet()
     sm, sl = model.state_dict(), loaded.state_dict()
     assert sm.keys() == sl.keys() and all(torch.equal(sm[k], sl[k]) for k in sm)
+    assert count_parameters(loaded) == count_parameters(model) < count_parameters(factory(SPECS[name])())
     x, t = batch()
-    model.eval(), loaded.eval()
+    model.eval()
     with torch.no_grad():
         assert torch.equal(model(x, t).sample, loaded(x, t).sample)
     # the reloaded model trains (gradients reach every parameter)
@@ -167,13 +170,10 @@ def test_save_load_round_trip(pruned, name, tmp_path):
     assert all(p.grad is not None and p.grad.shape == p.shape for p in loaded.parameters())
 
 
-def test_load_errors(pruned, tmp_path):
+def test_load_pruned_state_errors(pruned):
     _, model, _ = pruned["plain"]
-    with pytest.raises(FileNotFoundError):
-        load_pruned(tmp_path / "missing", factory(SPECS["plain"]))
-    save_pruned(model, tmp_path / "m")
-    with pytest.raises(ValueError):  # template of another architecture
-        load_pruned(tmp_path / "m", factory(SPECS["attn"]))
+    with pytest.raises(ValueError, match="does not match the template"):  # template of another architecture
+        load_pruned_state(factory(SPECS["attn"])(), model.state_dict())
     # a plain pruned state dict loads into a template too (fine-tuning from an sFT checkpoint)
     template = factory(SPECS["plain"])()
     load_pruned_state(template, model.state_dict())
