@@ -28,8 +28,10 @@ def image_seeds(seed: int, count: int, offset: int = 0) -> np.ndarray:
 
 
 def ddim_sample(unet, scheduler_config: dict, seeds, shape, steps: int = 50, batch_size: int = 64,
-                record_trajectory: bool = False, device: str = "cpu") -> Samples:
-    """eta=0 DDIM: deterministic given the initial noise; the result is clipped to [-1, 1]."""
+                record_trajectory: bool = False, device: str = "cpu", encoder_hidden_states=None) -> Samples:
+    """eta=0 DDIM: deterministic given the initial noise; the result is clipped to [-1, 1].
+
+    `encoder_hidden_states` (m, tokens, dim), one row per seed, conditions a UNet2DConditionModel."""
     import torch
     from diffusers import DDIMScheduler
 
@@ -38,12 +40,16 @@ def ddim_sample(unet, scheduler_config: dict, seeds, shape, steps: int = 50, bat
     seeds = np.asarray(seeds, dtype=np.int64)
     out, traj = [], []
     unet = unet.to(device).eval()
+    cond = None if encoder_hidden_states is None else torch.as_tensor(encoder_hidden_states, dtype=torch.float32)
+    if cond is not None and len(cond) != len(seeds):
+        raise ValueError(f"encoder_hidden_states has {len(cond)} rows for {len(seeds)} seeds")
     with torch.no_grad():
         for start in range(0, len(seeds), batch_size):
             x = initial_noise(seeds[start:start + batch_size], shape).to(device)
             x0s = []
+            kw = {} if cond is None else {"encoder_hidden_states": cond[start:start + batch_size].to(device)}
             for t in ddim.timesteps:
-                eps = unet(x, t.to(device)).sample
+                eps = unet(x, t.to(device), **kw).sample
                 step = ddim.step(eps, t, x, eta=0.0)
                 x = step.prev_sample
                 if record_trajectory:

@@ -73,13 +73,22 @@ def train_ddpm(
     seed: int | None = None,
     device: str = "cpu",
     init_model=None,
+    conditioning: np.ndarray | None = None,
+    scheduler_config: dict | None = None,
     progress: Callable[[int, float], None] | None = None,
     progress_every: int = 200,
 ) -> TrainingResult:
-    """Train eps_theta with the DDPM loss on `images` (n, C, H, W) in [-1, 1].
+    """Train eps_theta with the DDPM loss on `images` (n, C, H, W) in [-1, 1] (or VAE latents).
 
     `seed` defaults to spec.seed. `init_model` fine-tunes a copy of the given model (full or pruned: its own
-    architecture is kept) instead of training a fresh one; the caller's model is left untouched.
+    architecture is kept) instead of training a fresh one; the caller's model is left untouched. Only parameters
+    with requires_grad are optimised: after `attribution.lora.add_lora` that is the adapter alone, and then the
+    checkpoints hold just those trainable tensors (load them with strict=False) rather than copies of the frozen
+    base; a fully trainable model's checkpoints are full state dicts.
+
+    `conditioning` (n, tokens, dim): per-sample `encoder_hidden_states` of a UNet2DConditionModel (class embeddings
+    or prompt encodings), row i conditioning image i. `scheduler_config` replaces model_spec's noise schedule
+    (e.g. a Stable Diffusion pipeline's own).
     """
     import copy
 
@@ -91,21 +100,44 @@ def train_ddpm(
         raise ValueError(f"training images must be a non-empty (n, C, H, W) array, got shape {images.shape}")
     seed = spec.seed if seed is None else seed
     n, c, h, w = images.shape
+    if conditioning is not None and (conditioning.ndim != 3 or len(conditioning) != n):
+        raise ValueError(f"conditioning must be (n, tokens, dim) with one row per training image ({n}), "
+                         f"got shape {conditioning.shape}")
     if init_model is None:
         unet = build_unet(model_spec, sample_size=h, channels=c, seed=stable_seed("init", seed))
     else:
         unet = copy.deepcopy(init_model)
     unet.to(device).train()
-    scheduler = build_scheduler(model_spec)
+    cross_dim = getattr(unet.config, "cross_attention_dim", None)
+    if conditioning is None and cross_dim is not None:
+        raise ValueError(f"{type(unet).__name__} is conditional: pass `conditioning` (n, tokens, dim)")
+    if conditioning is not None and cross_dim is None:
+        raise ValueError(f"{type(unet).__name__} takes no encoder_hidden_states: drop `conditioning`")
+    if conditioning is not None and isinstance(cross_dim, int) and conditioning.shape[-1] != cross_dim:
+        raise ValueError(f"conditioning has dim {conditioning.shape[-1]} but the model's cross_attention_dim is "
+                         f"{cross_dim}")
+    if scheduler_config is None:
+        scheduler = build_scheduler(model_spec)
+    else:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(scheduler_config)
     abar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    T = model_spec.num_train_timesteps
+    T = scheduler.config.num_train_timesteps
 
     data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+    cond = None if conditioning is None else torch.from_numpy(
+        np.ascontiguousarray(conditioning, dtype=np.float32)).to(device)
     order_gen = torch.Generator().manual_seed(stable_seed("order", seed))
     noise_gen = torch.Generator().manual_seed(stable_seed("noise", seed))
     next_batch = _index_stream(n, min(spec.batch_size, n), order_gen)
 
-    params = [p for p in unet.parameters() if p.requires_grad]
+    named = dict(unet.named_parameters())
+    trainable = [k for k, p in named.items() if p.requires_grad]
+    if not trainable:
+        raise ValueError("nothing to train: every parameter of the model is frozen")
+    params = [named[k] for k in trainable]
+    keep = None if len(trainable) == len(named) else set(trainable)  # partial (LoRA) checkpoints
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     ema = [p.detach().clone() for p in params] if spec.ema_decay else None
 
@@ -127,7 +159,8 @@ def train_ddpm(
         x0 = data[idx.to(device)]
         a = abar[t_dev].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = torch.mean((unet(x_t, t_dev).sample - eps) ** 2)
+        kw = {} if cond is None else {"encoder_hidden_states": cond[idx.to(device)]}
+        loss = torch.mean((unet(x_t, t_dev, **kw).sample - eps) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.grad_clip:
@@ -140,7 +173,8 @@ def train_ddpm(
         losses[step] = loss.item()
         last_t[idx.numpy()] = t.numpy().astype(np.int32)  # a batch spanning two epochs may repeat a sample: last wins
         if step + 1 in ckpt_steps:
-            checkpoints.append({k: v.detach().cpu().clone() for k, v in unet.state_dict().items()})
+            checkpoints.append({k: v.detach().cpu().clone() for k, v in unet.state_dict().items()
+                                if keep is None or k in keep})
             last_timesteps.append(last_t.copy())
             ckpt_lrs.append(lr_sum / lr_steps)  # TracIn's sum over steps, one checkpoint per interval
             lr_sum, lr_steps = 0.0, 0
