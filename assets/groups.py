@@ -33,6 +33,16 @@ def result_name(method: str, cid: str) -> str:
     return f"coalitions/{partition_key(method, cid)}"
 
 
+def coalition_partition_keys(exp: Experiment, plan) -> list[str]:
+    """Every (method, coalition) model; the group LDS's held-out coalitions are always retrained (ground truth)."""
+    from attribution.groups import coalition_id
+
+    keys = [partition_key(m, cid) for m in exp.shapley.methods for cid in plan.model_coalitions(m)]
+    if "retrain" not in exp.shapley.methods:
+        keys += [partition_key("retrain", coalition_id(mask)) for mask in plan.lds]
+    return keys
+
+
 def _purposes(plan, cid: str) -> str:
     from attribution.groups import coalition_id
 
@@ -262,7 +272,7 @@ def _pruned_model(exp: Experiment, scored: list) -> dg.AssetsDefinition:
 
 def _coalition_models(exp: Experiment, plan, scored: list) -> dg.AssetsDefinition:
     sh = exp.shapley
-    keys = [partition_key(m, cid) for m in sh.methods for cid in plan.model_coalitions(m)]
+    keys = coalition_partition_keys(exp, plan)
     deps = [key(exp, "contributor_groups"), *scored]
     if "finetune" in sh.methods:
         deps.append(key(exp, "base_model"))

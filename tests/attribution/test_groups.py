@@ -51,3 +51,23 @@ def test_finetuning_a_pruned_model_keeps_its_architecture_and_is_deterministic()
     assert all(torch.equal(pruned.state_dict()[k], v) for k, v in before.items())
     assert all(torch.equal(a.unet.state_dict()[k], v) for k, v in b.unet.state_dict().items())
     assert not torch.equal(a.unet.state_dict()["conv_in.weight"], before["conv_in.weight"])
+
+
+def test_coalition_plan_partitions_cover_every_needed_model():
+    from assets.groups import coalition_partition_keys, coalition_plan
+    from attribution.experiment import parse_experiment
+    from attribution.groups import coalition_id
+
+    groups = [str(g) for g in range(6)]
+    exp = parse_experiment({"name": "x", "attribution": {"methods": {"dtrak": {"kind": "trak"}}}, "shapley": {
+        "groups": groups, "methods": ["sparsified_finetune"], "n_coalitions": 8, "lds_coalitions": 4}})
+    plan = coalition_plan(exp)
+    keys = coalition_partition_keys(exp, plan)
+    assert len(keys) == len(set(keys))
+    for mask in [*plan.kernel, *plan.loo, [True] * 6]:
+        assert f"sparsified_finetune__{coalition_id(mask)}" in keys
+    lds = {f"retrain__{coalition_id(m)}" for m in plan.lds}
+    assert len(lds) == 4 and lds <= set(keys)  # the ground truth is retrained even when retrain is no game method
+    assert not lds & {f"retrain__{coalition_id(m)}" for m in plan.kernel}  # held out from the fitted coalitions
+    assert (plan.lds.sum(axis=1) == 3).all()
+    assert coalition_plan(exp).kernel.tobytes() == plan.kernel.tobytes()  # fixed by the spec alone

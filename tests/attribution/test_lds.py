@@ -198,3 +198,18 @@ def test_group_lds_hand_example():
     # predicted sums by hand: 2, -0.5, 5.5, 2.5, 2.5 (a tie)
     expected = spearmanr([2.0, -0.5, 5.5, 2.5, 2.5], outputs).statistic
     assert math.isclose(L.group_lds(phi, coalitions, outputs), expected, rel_tol=1e-12)
+
+
+def test_group_lds_with_ci_matches_scipy_and_brackets_value():
+    from scipy.stats import spearmanr
+
+    from attribution.lds import group_lds_with_ci
+
+    rng = np.random.default_rng(0)
+    phi = rng.normal(size=6)
+    masks = rng.random((20, 6)) < 0.5
+    outputs = masks @ phi + 0.3 * rng.normal(size=20)
+    value, low, high = group_lds_with_ci(phi, masks, outputs, n_boot=200, seed=1)
+    assert value == pytest.approx(spearmanr(masks @ phi, outputs).statistic, abs=1e-12)
+    assert low <= value <= high and value > 0.5
+    assert group_lds_with_ci(phi, masks, outputs, n_boot=200, seed=1) == (value, low, high)

@@ -96,3 +96,35 @@ def test_arrays_round_trip_and_atomic_replace(tmp_path):
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["x.npz"]
     with pytest.raises(IncompleteArtefactError, match="materialize it first"):
         load_arrays(str(tmp_path / "missing.npz"))
+
+
+def test_user_image_model_from_torchscript(tmp_path):
+    from attribution.properties import build_context, evaluate_property, inception_score
+    from storage.models import load_image_model
+
+    class FeaturesAndLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(64, 3)
+
+        def forward(self, x):
+            f = x.flatten(1)
+            return f, self.head(f)
+
+    torch.manual_seed(0)
+    module = FeaturesAndLogits()
+    torch.jit.script(module).save(str(tmp_path / "encoder.pt"))
+    model = load_image_model(str(tmp_path / "encoder.pt"))
+    images = np.random.default_rng(0).uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(model.embed(images), images.reshape(10, -1), rtol=1e-6)
+    with torch.no_grad():
+        probs = torch.softmax(module.head(torch.from_numpy(images).flatten(1)).double(), 1).numpy()
+    np.testing.assert_allclose(model.predict_proba(images), probs, rtol=1e-5)
+    ctx = build_context(model.embed, model.predict_proba, images, n_clusters=3)
+    assert evaluate_property("inception_score", images, ctx) == pytest.approx(inception_score(probs), rel=1e-5)
+    assert evaluate_property("fid", images, ctx) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="shapley.encoder"):
+        load_image_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a TorchScript module"):
+        load_image_model(str(tmp_path / "junk.pt"))
