@@ -34,7 +34,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
 
         import numpy as np
 
-        from attribution.methods import Featurizer, feature_recipes, feature_spec, journey_query_inputs
+        from attribution.methods import Featurizer, feature_recipes, feature_spec
         from attribution.outputs import NoiseSchedule
         from storage.artefacts import load_arrays
         from storage.datasets import load_image_dataset
@@ -56,17 +56,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
             unet = model.load_unet()
             if recipe.checkpoint is not None:
                 unet.load_state_dict(model.load_checkpoint(recipe.checkpoint))
-            t = None
-            if recipe.role == "train":
-                x, ids = train.images, np.arange(len(train))
-                if recipe.timesteps == "recorded":
-                    t = record["last_timesteps"][recipe.checkpoint]
-            elif recipe.timesteps == "trajectory":
-                x, t, _ = journey_query_inputs(queries["trajectory_x0"], queries["trajectory_timesteps"],
-                                               queries["images"], n_gen)
-                ids = -1 - np.arange(len(x))  # negative ids: query noise streams never coincide with train ones
-            else:
-                x, ids = queries["images"], -1 - np.arange(len(queries["images"]))
+            x, ids, t = recipe_inputs(recipe, train.images, queries, record, n_gen)
             data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
             feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim,
                               proj_seed=a.proj_seed, noise_seed=a.noise_seed)
@@ -113,3 +103,22 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         })
 
     return features
+
+
+def recipe_inputs(recipe, train_images, queries: dict, record: dict, n_gen: int, query_ids=None):
+    """(x, ids, t) a recipe featurizes: training images (with their recorded timesteps for TracIn), the queries, or
+    the queries' Journey-TRAK trajectory points. Query ids are negative (default -1, -2, ...) so their noise streams
+    never coincide with a training sample's."""
+    import numpy as np
+
+    from attribution.methods import journey_query_inputs
+
+    if recipe.role == "train":
+        t = record["last_timesteps"][recipe.checkpoint] if recipe.timesteps == "recorded" else None
+        return train_images, np.arange(len(train_images)), t
+    ids = query_ids if query_ids is not None else -1 - np.arange(len(queries["images"]))
+    if recipe.timesteps == "trajectory":
+        x, t, steps = journey_query_inputs(queries["trajectory_x0"], queries["trajectory_timesteps"],
+                                           queries["images"], n_gen)
+        return x, (-1 - np.arange(len(x)) if query_ids is None else np.repeat(ids, steps)), t
+    return queries["images"], ids, None

@@ -70,7 +70,8 @@ def _score_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsDef
         cols = ["experiment", "method", "query_id", "query_kind", "direction", "rank", "train_id", "train_group",
                 "score", "run_id", "created_at"]
         wh = storage.warehouse()
-        wh.replace_rows("top_attributions", pd.DataFrame(rows, columns=cols), {"experiment": exp.name, "method": name})
+        wh.replace_rows("top_attributions", pd.DataFrame(rows, columns=cols),
+                       {"experiment": exp.name, "method": name, "query_key": None})  # inbox rows stay
         wh.replace_rows("attribution_runs", [{
             "experiment": exp.name, "method": name, "kind": method.kind,
             "scorer": method.scorer if method.kind in ("trak", "journey_trak") else method.kind, "kernel_lambda": lam,
@@ -106,8 +107,20 @@ def shown_queries(kinds, count: int) -> list[int]:
     return [int(i) for i in list(gen[:n_gen]) + list(held[: count - n_gen])]
 
 
-def compute_scores(paths, name: str, method: MethodSpec, lambda_factor: float, train, queries):
-    """-> ({"scores": (m, n)[, "per_step": (m, S, n)]}, lambda or None). Reads the method's feature stores."""
+class InMemoryFeatures:
+    """Query features computed on the fly (e.g. for an inbox image), standing in for a query feature store."""
+
+    def __init__(self, spec: dict, rows):
+        self.spec, self.rows = spec, rows
+
+    def read(self):
+        return self.rows
+
+
+def compute_scores(paths, name: str, method: MethodSpec, lambda_factor: float, train, queries,
+                   query_features: dict | None = None):
+    """-> ({"scores": (m, n)[, "per_step": (m, S, n)]}, lambda or None). Reads the method's feature stores;
+    `query_features` (store name -> InMemoryFeatures) replaces the query-side stores."""
     import numpy as np
 
     from attribution import methods
@@ -126,7 +139,8 @@ def compute_scores(paths, name: str, method: MethodSpec, lambda_factor: float, t
                                             method.similarity)}, None
     model = StoredModel(paths.model("base_model"))
     recipes = methods.feature_recipes(name, method, model.n_checkpoints())
-    stores = {r.store_name: FeatureStore.open(paths.features(r.store_name)) for r in recipes}
+    stores = {r.store_name: (query_features or {}).get(r.store_name) or FeatureStore.open(paths.features(r.store_name))
+              for r in recipes}
     for r in recipes:
         spec = stores[r.store_name].spec
         if spec["model_digest"] != model.digest:

@@ -335,3 +335,60 @@ def train_heldout_split(n: int, n_train: int, seed: int) -> tuple[np.ndarray, np
                            "choose n_train in that range")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[:n_train]), np.sort(order[n_train:])
+
+
+class QueryImageError(ValueError):
+    """A new query image cannot be attributed as is; the message says what is wrong and what to do."""
+
+
+def decode_query_image(data: bytes, suffix: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """A dropped-in query image (PNG/JPEG/NPY bytes) as a (C, H, W) float32 array in [-1, 1], or QueryImageError.
+
+    The image must already have the experiment's size and channel count: silently resizing or recolouring it
+    would attribute a different image than the user meant."""
+    import io
+
+    c, h, w = shape
+    suffix = suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise QueryImageError(f"not a readable .npy array ({e})") from None
+        if arr.ndim == 2 and c == 1:
+            arr = arr[None]
+        elif arr.ndim == 3 and arr.shape[-1] == c and arr.shape[0] != c:
+            arr = arr.transpose(2, 0, 1)
+        if arr.shape != (c, h, w):
+            raise QueryImageError(f"array shape {arr.shape}, expected ({c}, {h}, {w}) (or ({h}, {w}, {c}))")
+        if arr.dtype == np.uint8:
+            return _scale(arr, 255.0)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise QueryImageError(f"dtype {arr.dtype}: use uint8 in [0, 255] or floats in [-1, 1]")
+        if not np.isfinite(arr).all():
+            raise QueryImageError("array contains NaN or inf")
+        if arr.min() < -1.0 or arr.max() > 1.0:
+            raise QueryImageError(f"values span [{arr.min():.3g}, {arr.max():.3g}]; floats must lie in [-1, 1]")
+        return arr.astype(np.float32)
+    if suffix not in (".png", ".jpg", ".jpeg"):
+        raise QueryImageError(f"unsupported file type {suffix or '(none)'}: use .png, .jpg, .jpeg or .npy")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise QueryImageError(f"not a readable image ({e})") from None
+    if img.size != (w, h):
+        raise QueryImageError(f"image is {img.size[0]}x{img.size[1]}, the experiment's images are {w}x{h}: resize "
+                              "it first")
+    channels = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2}.get(img.mode)
+    if channels in (2, 4):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < 255:
+            raise QueryImageError("image has transparent pixels: flatten it onto a background first")
+        img, channels = img.convert("L" if channels == 2 else "RGB"), channels - 1
+    if channels != c:
+        raise QueryImageError(f"image has {channels} channel(s) (mode {img.mode}), the experiment's images have {c}")
+    arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
+    return _scale(arr[None] if c == 1 else arr.transpose(2, 0, 1), 255.0)

@@ -245,6 +245,20 @@ class ShapleySpec(_Strict):
         return names + [f"{self.aggregate_how}_{a}" for a in (self.aggregate if per_sample is None else per_sample)]
 
 
+class OperationsSpec(_Strict):
+    """How the experiment lives in Dagster: the evaluation schedule (off until switched on in the UI), the inbox of
+    new query images, and whether declarative automation re-materializes stale assets."""
+
+    evaluation_cron: str = Field(default="0 3 * * 0", description="re-run the evaluation job (weekly by default)")
+    evaluation_schedule_running: bool = False
+    inbox: bool = Field(default=True, description="watch <root>/<experiment>/inbox for images to attribute")
+    inbox_sensor_running: bool = True
+    inbox_interval_seconds: int = Field(default=30, ge=5)
+    inbox_max_files: int = Field(default=32, ge=1, description="files handled per sensor tick")
+    automation: bool = Field(default=True, description="stale assets re-materialize once the automation sensor "
+                             "is switched on (it starts stopped)")
+
+
 class Experiment(_Strict):
     name: str
     description: str = ""
@@ -258,6 +272,7 @@ class Experiment(_Strict):
     lds: LDSSpec = LDSSpec()
     counterfactual: CounterfactualSpec = CounterfactualSpec()
     shapley: ShapleySpec = ShapleySpec(enabled=False)
+    operations: OperationsSpec = OperationsSpec()
 
     @field_validator("name")
     @classmethod

@@ -1,47 +1,41 @@
-"""The Dagster code location: one asset graph per experiment, asset keys prefixed with the experiment name."""
+"""The Dagster code location: one asset graph per experiment, asset keys prefixed with the experiment name, with its
+stage jobs, evaluation schedule, inbox sensor and automation (pipelines/operations.py)."""
 from __future__ import annotations
 
 import dagster as dg
 
-from assets import checks, counterfactual, data, evaluation, features, groups, models, scores
+from assets import checks, counterfactual, data, evaluation, features, groups, inbox, models, scores
 from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
+from . import operations
 from .experiments import load_experiments
 
-STAGES = (data, models, features, scores, evaluation, counterfactual, groups)
+STAGES = (data, models, features, scores, evaluation, counterfactual, groups, inbox)
 
 
 def experiment_assets(exp: Experiment) -> list[dg.AssetsDefinition]:
-    return [a for stage in STAGES for a in stage.build(exp)]
+    return operations.with_automation(exp, [a for stage in STAGES for a in stage.build(exp)])
 
 
 def experiment_checks(exp: Experiment) -> list[dg.AssetChecksDefinition]:
     return checks.build(exp)
 
 
-def experiment_jobs(exp: Experiment, exp_assets: list[dg.AssetsDefinition]) -> list:
-    """One job for the unpartitioned graph, one per partitioned fan-out (backfill it to run every partition)."""
-    partitioned = [a for a in exp_assets if a.partitions_def is not None]
-    jobs = [dg.define_asset_job(
-        f"{exp.name}__main",
-        selection=dg.AssetSelection.assets(*[a.key for a in exp_assets if a.partitions_def is None]),
-        description=f"Every unpartitioned asset of '{exp.name}' (the retraining fan-outs have jobs of their own; "
-                    "`make run` runs all of it in order).")]
-    for a in partitioned:
-        jobs.append(dg.define_asset_job(
-            f"{exp.name}__{a.key.path[-1]}_job", selection=dg.AssetSelection.assets(a.key),
-            description=f"Retraining fan-out {a.key.to_user_string()}: launch a backfill over its partitions."))
-    return jobs
-
-
 def build_definitions(experiments: list[Experiment], storage: StorageResource | None = None) -> dg.Definitions:
-    assets, jobs = [], []
+    assets, jobs, schedules, sensors = [], [], [], [operations.run_failure_sensor]
     for exp in experiments:
         exp_assets = experiment_assets(exp)
         assets.extend(exp_assets)
-        jobs.extend(experiment_jobs(exp, exp_assets))
-    return dg.Definitions(assets=assets, asset_checks=[c for exp in experiments for c in experiment_checks(exp)], jobs=jobs,
+        jobs.extend(operations.stage_jobs(exp, exp_assets))
+        if any(j.name == f"{exp.name}__evaluation" for j in jobs):
+            schedules.append(operations.evaluation_schedule(exp))
+        if exp.operations.inbox:
+            sensors.append(operations.inbox_sensor(exp))
+    if any(exp.operations.automation for exp in experiments):
+        sensors.append(operations.automation_sensor())
+    return dg.Definitions(assets=assets, asset_checks=[c for exp in experiments for c in experiment_checks(exp)],
+                          jobs=jobs, schedules=schedules, sensors=sensors,
                           resources={"storage": storage or StorageResource()})
 
 

@@ -26,7 +26,10 @@ def _log_config(log_level: str) -> dict:
 def execution_waves(assets) -> list[tuple[str, list]]:
     """The graph in waves: ("run", unpartitioned keys to materialize together) or ("partitions", one partitioned
     asset to run partition by partition), each only after everything it depends on."""
-    pending = {a.key: a for a in assets}
+    import dagster as dg
+
+    # dynamic partitions (inbox images) are created and run by their sensor, not by a whole-graph run
+    pending = {a.key: a for a in assets if not isinstance(a.partitions_def, dg.DynamicPartitionsDefinition)}
     waves: list[tuple[str, list]] = []
     while pending:
         batch: list = []

@@ -58,5 +58,9 @@ class ExperimentPaths:
         """Small result arrays with JSON metadata (a model's generated images and global properties, group values)."""
         return join(self.base, "results", f"{name}.npz")
 
+    def inbox(self, *parts: str) -> str:
+        """Drop-folder for new query images (see pipelines/operations.py): inbox/, inbox/accepted, inbox/rejected."""
+        return join(self.base, "inbox", *parts)
+
     def figure(self, name: str) -> str:
         return join(self.base, "figures", f"{name}.png")

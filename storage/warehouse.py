@@ -33,7 +33,8 @@ TABLES: dict[str, str] = {
         created_at TIMESTAMPTZ""",
     "top_attributions": """
         experiment VARCHAR, method VARCHAR, query_id INTEGER, query_kind VARCHAR, direction VARCHAR, rank INTEGER,
-        train_id INTEGER, train_group VARCHAR, score DOUBLE, run_id VARCHAR, created_at TIMESTAMPTZ""",
+        train_id INTEGER, train_group VARCHAR, score DOUBLE, run_id VARCHAR, created_at TIMESTAMPTZ,
+        query_key VARCHAR""",
     "attribution_runs": """
         experiment VARCHAR, method VARCHAR, kind VARCHAR, scorer VARCHAR, kernel_lambda DOUBLE, n_queries INTEGER,
         n_train INTEGER, top_k INTEGER, unique_in_top_k INTEGER, top_k_slots INTEGER, max_top_k_frequency DOUBLE,
@@ -67,6 +68,45 @@ TABLES: dict[str, str] = {
     "group_counterfactual": """
         experiment VARCHAR, estimator VARCHAR, removed VARCHAR, groups_removed JSON, n_train INTEGER, property VARCHAR,
         value DOUBLE, full_value DOUBLE, change DOUBLE, run_id VARCHAR, created_at TIMESTAMPTZ""",
+    "run_failures": """
+        experiment VARCHAR, run_id VARCHAR, job_name VARCHAR, failed_steps JSON, message VARCHAR,
+        created_at TIMESTAMPTZ""",
+}
+
+# Stable, documented read interface (README "Query the results with SQL"): tables may gain columns, views keep theirs.
+VIEWS: dict[str, str] = {
+    "v_lds": f"""
+        SELECT experiment, method, kind, query_set, value AS lds, ci_low, ci_high, noise_ceiling, kernel_lambda,
+               n_subsets, n_queries, n_seeds, run_id, created_at
+        FROM {SCHEMA}.lds""",
+    "v_top_proponents": f"""
+        SELECT experiment, method, query_id, query_key, query_kind, rank, train_id, train_group, score, run_id,
+               created_at
+        FROM {SCHEMA}.top_attributions WHERE direction = 'proponent'""",
+    "v_group_values": f"""
+        SELECT experiment, property, estimator, method, group_name, value, ci_low, ci_high, rank, n_coalitions,
+               run_id, created_at
+        FROM {SCHEMA}.group_values""",
+    "v_group_lds": f"""
+        SELECT experiment, property, estimator, value AS group_lds, ci_low, ci_high, n_coalitions, run_id, created_at
+        FROM {SCHEMA}.group_lds""",
+    "v_coalition_cost": f"""
+        WITH per_model AS (
+            SELECT DISTINCT experiment, method, coalition, purpose, steps, parameters, wall_seconds
+            FROM {SCHEMA}.coalition_runs WHERE purpose NOT IN ('null', 'pruned', 'full'))
+        SELECT experiment, method, count(*) AS models, avg(steps) AS steps, max(parameters) AS parameters,
+               avg(wall_seconds) AS mean_wall_seconds,
+               avg(avg(wall_seconds)) FILTER (WHERE method = 'retrain') OVER (PARTITION BY experiment)
+                   / avg(wall_seconds) AS speedup_vs_retrain
+        FROM per_model GROUP BY experiment, method""",
+    "v_lineage": f"""
+        SELECT experiment, asset_key, partition_key, run_id, code_version, data_version, input_data_versions,
+               created_at,
+               row_number() OVER (PARTITION BY experiment, asset_key, partition_key ORDER BY created_at DESC) = 1
+                   AS is_latest
+        FROM {SCHEMA}.lineage""",
+    "v_run_failures": f"""
+        SELECT experiment, run_id, job_name, failed_steps, message, created_at FROM {SCHEMA}.run_failures""",
 }
 
 
@@ -99,9 +139,19 @@ class Warehouse:
 
     @staticmethod
     def _ensure_schema(con) -> None:
+        """Create what is missing; columns added to a table's DDL later are added to an older warehouse (at the
+        end, where the DDL lists them), so upgrading never needs a rebuild."""
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
         for name, cols in TABLES.items():
             con.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.{name} ({cols})")
+            have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                              "table_schema = ? AND table_name = ?", [SCHEMA, name]).fetchall()}
+            for column in (c.strip() for c in cols.split(",")):
+                col_name = column.split()[0]
+                if col_name not in have:
+                    con.execute(f"ALTER TABLE {SCHEMA}.{name} ADD COLUMN {column}")
+        for name, sql in VIEWS.items():
+            con.execute(f"CREATE OR REPLACE VIEW {SCHEMA}.{name} AS {sql}")
 
     def replace_rows(self, table: str, rows: "object", match: dict) -> int:
         """Idempotent write: delete the rows equal on `match` (e.g. experiment + model), then insert `rows`.
@@ -148,3 +198,28 @@ class Warehouse:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m storage.warehouse "SELECT ..." [--db artefacts/warehouse.duckdb]`: a read-only query that waits
+    for a writer's short transaction instead of failing on DuckDB's file lock."""
+    import argparse
+
+    import pandas as pd
+
+    from .paths import default_root, join, local_path
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("sql")
+    parser.add_argument("--db", default=local_path(join(default_root(), "warehouse.duckdb")))
+    args = parser.parse_args(argv)
+    if not Path(args.db).exists():
+        print(f"no warehouse at {args.db}: run `make run` first, or pass --db", flush=True)
+        return 2
+    with pd.option_context("display.max_rows", 200, "display.width", 200):
+        print(Warehouse(args.db).query(args.sql).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -43,7 +43,7 @@ def test_one_prefixed_graph_per_experiment():
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     names = ("training_set", "base_model", "query_set", "features_dtrak", "scores_dtrak", "scores_pixel",
              "lds_subsets", "subset_models", "model_outputs", "lds", "image_encoder", "counterfactual_models",
-             "counterfactual")
+             "counterfactual", "inbox_attributions")
     assert keys == {f"{e}/{n}" for e in ("alpha", "beta") for n in names}
     for k in graph.get_all_asset_keys():
         node = graph.get(k)
@@ -52,8 +52,13 @@ def test_one_prefixed_graph_per_experiment():
         dg.AssetKey(["alpha", "query_set"]), dg.AssetKey(["alpha", "training_set"])}
     assert graph.get(dg.AssetKey(["alpha", "query_set"])).parent_keys == {
         dg.AssetKey(["alpha", "base_model"]), dg.AssetKey(["alpha", "training_set"])}
-    assert {j.name for j in defs.jobs} == {f"{e}__{j}" for e in ("alpha", "beta")
-                                           for j in ("main", "subset_models_job", "counterfactual_models_job")}
+    assert {j.name for j in defs.jobs} == {f"{e}__{j}" for e in ("alpha", "beta") for j in (
+        "main", "train", "features", "scores", "evaluation", "subset_models_job", "counterfactual_models_job",
+        "inbox_attributions_job")}
+    assert {s.name for s in defs.schedules} == {"alpha__evaluation_schedule", "beta__evaluation_schedule"}
+    assert all(s.default_status == dg.DefaultScheduleStatus.STOPPED for s in defs.schedules)
+    assert {s.name for s in defs.sensors} == {"alpha__inbox_sensor", "beta__inbox_sensor", "diffattr_run_failures",
+                                              "diffattr_automation"}
 
 
 def test_duplicate_experiment_names_are_refused(tmp_path):
