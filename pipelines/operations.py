@@ -125,7 +125,7 @@ def training_shape(storage: StorageResource, experiment: str) -> tuple[int, int,
                                          "split = 'train'", [experiment])
     except Exception:  # noqa: BLE001 - no warehouse yet
         return None
-    return tuple(ast.literal_eval(rows.shape.iloc[0])) if len(rows) else None
+    return tuple(ast.literal_eval(rows["shape"].iloc[0])) if len(rows) else None
 
 
 @dg.run_failure_sensor(name="diffattr_run_failures", monitor_all_code_locations=False,
