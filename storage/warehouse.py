@@ -129,13 +129,29 @@ class Warehouse:
         with FileLock(str(self.lock_path), timeout=self.lock_timeout):
             if not write and not self.path.exists():
                 write = True  # first use: create the schema
-            con = duckdb.connect(str(self.path), read_only=not write)
+            con = self._open(duckdb, write)
             try:
                 if write:
                     self._ensure_schema(con)
                 yield con
             finally:
                 con.close()
+
+    def _open(self, duckdb, write: bool):
+        """DuckDB's own file lock also sees processes outside ours (a `duckdb -readonly` shell, a notebook): wait for
+        them, retrying, instead of failing a materialization."""
+        import time
+
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=not write)
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     @staticmethod
     def _ensure_schema(con) -> None:

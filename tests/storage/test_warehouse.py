@@ -77,3 +77,25 @@ def _try_connect(path):
         return True
     except duckdb.IOException:
         return False
+
+
+def test_writer_waits_for_an_outside_reader_to_close(tmp_path):
+    """A `duckdb -readonly` shell holding the file delays a write instead of failing it."""
+    import subprocess
+    import sys
+    import time
+
+    from storage.warehouse import Warehouse
+
+    wh = Warehouse(tmp_path / "w.duckdb")
+    wh.replace_rows("datasets", [{"experiment": "a", "split": "train"}], {"experiment": "a"})
+    code = ("import duckdb, time; c = duckdb.connect(%r, read_only=True); print('open', flush=True); "
+            "time.sleep(3); c.close()" % str(wh.path))
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "open"
+    start = time.monotonic()
+    wh.replace_rows("datasets", [{"experiment": "b", "split": "train"}], {"experiment": "b"})
+    waited = time.monotonic() - start
+    reader.wait(timeout=30)
+    assert waited > 1.0
+    assert sorted(wh.query("SELECT experiment FROM diffattr.datasets").experiment) == ["a", "b"]
