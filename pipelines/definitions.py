@@ -9,6 +9,7 @@ from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from . import operations
+from .executors import executor_from_env
 from .experiments import load_experiments
 
 STAGES = (data, models, features, scores, evaluation, counterfactual, groups, inbox)
@@ -35,7 +36,7 @@ def build_definitions(experiments: list[Experiment], storage: StorageResource | 
     if any(exp.operations.automation for exp in experiments):
         sensors.append(operations.automation_sensor())
     return dg.Definitions(assets=assets, asset_checks=[c for exp in experiments for c in experiment_checks(exp)],
-                          jobs=jobs, schedules=schedules, sensors=sensors,
+                          jobs=jobs, schedules=schedules, sensors=sensors, executor=executor_from_env(),
                           resources={"storage": storage or StorageResource()})
 
 

@@ -1,6 +1,8 @@
 """The one Dagster resource: where artefacts and the warehouse live. Chosen per environment in pipelines/."""
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from .paths import ExperimentPaths, default_root, is_local, join, local_path
@@ -11,7 +13,7 @@ class StorageResource(dg.ConfigurableResource):
     """Artefact root (local dir or fsspec URL) and the DuckDB warehouse file (always local: DuckDB needs a file)."""
 
     root: str = default_root()
-    warehouse_path: str = ""
+    warehouse_path: str = os.environ.get("DIFFATTR_WAREHOUSE", "")
 
     def paths(self, experiment: str) -> ExperimentPaths:
         return ExperimentPaths(self.root, experiment)
