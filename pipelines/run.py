@@ -169,6 +169,25 @@ def summary(exp, storage) -> str:
     if len(cf):
         lines += ["Counterfactual (regenerated after removing each method's top proponents or random images; larger "
                   "L2 / lower cosine = the removed images mattered more):", cf.to_string(index=False), ""]
+    glds = wh.query(
+        "SELECT property, estimator, round(group_lds, 3) AS group_lds, '[' || round(ci_low, 2) || ', ' || "
+        "round(ci_high, 2) || ']' AS ci95, n_coalitions FROM diffattr.v_group_lds WHERE experiment = ? "
+        "ORDER BY property, group_lds DESC", [exp.name])
+    if len(glds):
+        lines += ["Group LDS (Spearman of summed group values vs F of models retrained on held-out half coalitions):",
+                  glds.to_string(index=False), ""]
+    cost = wh.query("SELECT method, models, steps, parameters, round(mean_wall_seconds, 1) AS s_per_model, "
+                    "round(speedup_vs_retrain, 1) AS speedup FROM diffattr.v_coalition_cost WHERE experiment = ? "
+                    "ORDER BY mean_wall_seconds DESC", [exp.name])
+    if len(cost):
+        lines += ["Coalition models (wall seconds while running in parallel; benchmarks/coalition_speed.py measures "
+                  "them alone):", cost.to_string(index=False), ""]
+    gcf = wh.query("SELECT estimator, removed, groups_removed, property, round(change, 3) AS change_of_F FROM "
+                   "diffattr.group_counterfactual WHERE experiment = ? ORDER BY estimator, property, removed DESC",
+                   [exp.name])
+    if len(gcf):
+        lines += ["Group counterfactual (retrained without the top / bottom groups; change of F vs the full model):",
+                  gcf.to_string(index=False), ""]
     lines += ["See the results with SQL:",
               f"  duckdb -readonly {wh.path} \"SELECT method, query_id, rank, train_id, train_group, "
               f"round(score, 4) AS score FROM diffattr.top_attributions WHERE experiment = '{exp.name}' AND "
