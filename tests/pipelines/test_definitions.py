@@ -57,6 +57,8 @@ def test_one_prefixed_graph_per_experiment():
         "inbox_attributions_job")}
     assert {s.name for s in defs.schedules} == {"alpha__evaluation_schedule", "beta__evaluation_schedule"}
     assert all(s.default_status == dg.DefaultScheduleStatus.STOPPED for s in defs.schedules)
+    assert {s.cron_schedule for s in defs.schedules} == {a.operations.evaluation_cron}
+    assert {s.job_name for s in defs.schedules} == {"alpha__evaluation", "beta__evaluation"}
     assert {s.name for s in defs.sensors} == {"alpha__inbox_sensor", "beta__inbox_sensor", "diffattr_run_failures",
                                               "diffattr_automation"}
 
