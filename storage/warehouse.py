@@ -211,6 +211,43 @@ class Warehouse:
         with self.connect(write=False) as con:
             return con.execute(sql, params or []).df()
 
+    def export_parquet(self, root: str) -> list[str]:
+        """Every table as <root>/warehouse/<table>.parquet, root any fsspec URL: the metric tables travel with the
+        artefacts (object storage), and query_exports reads them back with DuckDB from there."""
+        import io
+
+        from .artefacts import write_bytes
+        from .paths import join
+
+        urls = []
+        for table in TABLES:
+            buf = io.BytesIO()
+            self.query(f"SELECT * FROM {SCHEMA}.{table}").to_parquet(buf, index=False)
+            urls.append(join(root, "warehouse", f"{table}.parquet"))
+            write_bytes(urls[-1], buf.getvalue())
+        return urls
+
+
+def query_exports(root: str, sql: str):
+    """Run `sql` against the parquet exports under <root>/warehouse/ (tables addressed as diffattr.<table>) in an
+    in-memory DuckDB that reads them through fsspec: no local warehouse file needed."""
+    import duckdb
+
+    from .paths import filesystem, join
+
+    fs, _ = filesystem(root)
+    con = duckdb.connect()
+    try:
+        con.register_filesystem(fs)
+        con.execute(f"CREATE SCHEMA {SCHEMA}")
+        for table in TABLES:
+            url = join(root, "warehouse", f"{table}.parquet")
+            if fs.exists(filesystem(url)[1]):
+                con.execute(f"CREATE VIEW {SCHEMA}.{table} AS SELECT * FROM read_parquet('{url}')")
+        return con.execute(sql).df()
+    finally:
+        con.close()
+
 
 def now() -> datetime:
     return datetime.now(timezone.utc)

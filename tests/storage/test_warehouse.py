@@ -99,3 +99,16 @@ def test_writer_waits_for_an_outside_reader_to_close(tmp_path):
     reader.wait(timeout=30)
     assert waited > 1.0
     assert sorted(wh.query("SELECT experiment FROM diffattr.datasets").experiment) == ["a", "b"]
+
+
+def test_parquet_exports_round_trip_through_a_remote_root(tmp_path):
+    from storage.warehouse import Warehouse, query_exports
+
+    wh = Warehouse(tmp_path / "w.duckdb")
+    wh.replace_rows("lds", [{"experiment": "e", "method": m, "query_set": "heldout", "value": v}
+                            for m, v in (("dtrak", 0.3), ("trak", 0.4))], {"experiment": "e"})
+    root = f"memory://exports-{tmp_path.name}"
+    urls = wh.export_parquet(root)
+    assert any(u.endswith("/warehouse/lds.parquet") for u in urls)
+    got = query_exports(root, "SELECT method, value FROM diffattr.lds ORDER BY value DESC")
+    assert got.method.tolist() == ["trak", "dtrak"] and got.value.tolist() == [0.4, 0.3]
