@@ -229,6 +229,10 @@ class ShapleySpec(_Strict):
             raise ValueError(f"shapley.methods {self.methods} repeats a method")
         if self.n_coalitions % 2:
             raise ValueError(f"n_coalitions={self.n_coalitions} must be even (coalitions come with their complements)")
+        if self.n_coalitions <= 2 * len(self.groups):
+            raise ValueError(f"n_coalitions={self.n_coalitions} must exceed 2 x {len(self.groups)} groups: kernel samples "
+                             "repeat (sizes 1 and G-1 dominate), and with too few distinct coalitions KernelSHAP is not "
+                             "identified (20 coalitions for 10 digit groups were singular)")
         if 0 < self.lds_coalitions < 3:
             raise ValueError("lds_coalitions must be 0 (off) or >= 3 (a Spearman correlation needs 3 points)")
         unknown = sorted(set(self.counterfactual_methods) - set(self.estimators()))

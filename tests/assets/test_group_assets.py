@@ -22,7 +22,7 @@ def group_experiment_dict(name="tiny_groups") -> dict:
     d["attribution"]["methods"] = {"dtrak": {"kind": "trak", "output": "square", "K": 2}}
     d["shapley"] = {
         "groups": GROUPS, "properties": PROPS, "n_images": 16, "sampling_steps": 3, "reference_clusters": 4,
-        "methods": ["retrain", "finetune", "sparsified_finetune"], "n_coalitions": 8, "banzhaf_coalitions": 4,
+        "methods": ["retrain", "finetune", "sparsified_finetune"], "n_coalitions": 10, "banzhaf_coalitions": 4,
         "lds_coalitions": 3, "bootstrap": 20,
         "finetune": {"steps": 8, "batch_size": 16, "warmup_steps": 2, "checkpoints": 1},
         "pruned_finetune": {"steps": 8, "batch_size": 16, "warmup_steps": 2, "checkpoints": 1},

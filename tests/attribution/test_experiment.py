@@ -54,3 +54,23 @@ def test_section_json_is_canonical():
     b = parse_experiment({"training": {"steps": 5}, "name": "b"})
     assert a.section_json("training") == b.section_json("training")
     assert a.section_json("training") != parse_experiment({"name": "a"}).section_json("training")
+
+
+def test_shapley_section_rules():
+    from attribution.experiment import ExperimentError, parse_experiment
+
+    base = {"name": "x", "attribution": {"methods": {"dtrak": {"kind": "trak"}}}}
+    groups = [str(g) for g in range(10)]
+    ok = parse_experiment({**base, "shapley": {"groups": groups, "n_coalitions": 22}})
+    assert ok.shapley.estimators()[:2] == ["shapley_sparsified_finetune", "shapley_finetune"]
+    assert not parse_experiment(base).shapley.enabled  # no section: no group attribution
+    for bad, match in (({"groups": groups, "n_coalitions": 20}, "must exceed 2 x 10"),
+                       ({"groups": ["0"]}, "at least 2 contributor groups"),
+                       ({"groups": ["0", "0", "1"], "n_coalitions": 8}, "repeats a group"),
+                       ({"groups": groups, "n_coalitions": 23}, "must be even"),
+                       ({"groups": groups, "n_coalitions": 22, "lds_coalitions": 2}, ">= 3"),
+                       ({"groups": groups, "n_coalitions": 22, "counterfactual_methods": ["shapley_retrain"]},
+                        "not estimators"),
+                       ({"groups": groups, "n_coalitions": 22, "aggregate": ["nope"]}, "not in attribution.methods")):
+        with pytest.raises(ExperimentError, match=match):
+            parse_experiment({**base, "shapley": bad})

@@ -60,7 +60,7 @@ def test_coalition_plan_partitions_cover_every_needed_model():
 
     groups = [str(g) for g in range(6)]
     exp = parse_experiment({"name": "x", "attribution": {"methods": {"dtrak": {"kind": "trak"}}}, "shapley": {
-        "groups": groups, "methods": ["sparsified_finetune"], "n_coalitions": 8, "lds_coalitions": 4}})
+        "groups": groups, "methods": ["sparsified_finetune"], "n_coalitions": 14, "lds_coalitions": 4}})
     plan = coalition_plan(exp)
     keys = coalition_partition_keys(exp, plan)
     assert len(keys) == len(set(keys))
