@@ -345,7 +345,7 @@ def _group_values(exp: Experiment, plan, empty: str, full: str) -> dg.AssetsDefi
 
         import pandas as pd
 
-        from attribution.images import bar_chart
+        from attribution.images import bar_chart, multi_line_chart
         from storage.artefacts import save_arrays
         from storage.warehouse import now
 
@@ -373,19 +373,13 @@ def _group_values(exp: Experiment, plan, empty: str, full: str) -> dg.AssetsDefi
         context.log.info("\n" + table.round(4).to_string())
         return finish(context, storage, exp, hashlib.sha256(values.value.to_numpy().tobytes()).hexdigest(), {
             "shapley_chart": png_markdown(chart, "group Shapley values with 95% bootstrap intervals"),
-            "convergence": png_markdown(_convergence_png(curve, f"KernelSHAP ({sh.methods[0]}) vs coalitions"),
-                                        "estimate vs number of coalitions"),
+            "convergence": png_markdown(multi_line_chart(curve, f"KernelSHAP ({sh.methods[0]}) vs coalitions",
+                                                         "coalitions", "value"), "estimate vs number of coalitions"),
             "values": dg.MetadataValue.md(pd.DataFrame(table).round(4).to_markdown()),
             "seconds_per_model": dg.MetadataValue.md(timing.to_markdown(index=False)),
         })
 
     return group_values
-
-
-def _convergence_png(curve, title: str) -> bytes:
-    from attribution.images import multi_line_chart
-
-    return multi_line_chart(curve, title, "coalitions", "value")
 
 
 def estimate_group_values(exp: Experiment, plan, paths, empty: str, full: str):

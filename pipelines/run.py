@@ -139,6 +139,36 @@ def _failures(result) -> list[str]:
     return steps + checks
 
 
+# (title, SQL with one parameter: the experiment) of each table `make run` prints when it has rows
+SUMMARY_SECTIONS = (
+    ("Attribution (unique_top_k: distinct training images among all queries' top-k proponents):",
+     "SELECT method, kind, scorer, round(kernel_lambda, 4) AS lambda, n_queries, n_train, "
+     "unique_in_top_k || '/' || top_k_slots AS unique_top_k FROM diffattr.attribution_runs WHERE experiment = ? "
+     "ORDER BY method"),
+    ("LDS on the test subsets (bootstrap 95% CI over queries; ceiling: best LDS reachable given seed-to-seed "
+     "training noise):",
+     "SELECT method, query_set, round(value, 3) AS lds, '[' || round(ci_low, 3) || ', ' || round(ci_high, 3) || ']' "
+     "AS ci95, round(noise_ceiling, 3) AS ceiling, round(kernel_lambda, 4) AS lambda, n_subsets, n_queries "
+     "FROM diffattr.lds WHERE experiment = ? AND query_set != 'all' ORDER BY query_set, value DESC"),
+    ("Counterfactual (regenerated after removing each method's top proponents or random images; larger L2 / lower "
+     "cosine = the removed images mattered more):",
+     "SELECT method, count(*) AS queries, round(avg(pixel_l2), 3) AS mean_pixel_l2, "
+     "round(avg(embedding_cosine), 4) AS mean_embedding_cosine FROM diffattr.counterfactual "
+     "WHERE experiment = ? GROUP BY method ORDER BY method"),
+    ("Group LDS (Spearman of summed group values vs F of models retrained on held-out half coalitions):",
+     "SELECT property, estimator, round(group_lds, 3) AS group_lds, '[' || round(ci_low, 2) || ', ' || "
+     "round(ci_high, 2) || ']' AS ci95, n_coalitions FROM diffattr.v_group_lds WHERE experiment = ? "
+     "ORDER BY property, group_lds DESC"),
+    ("Coalition models (wall seconds while running in parallel; benchmarks/coalition_speed.py measures them alone):",
+     "SELECT method, models, steps, parameters, round(mean_wall_seconds, 1) AS s_per_model, "
+     "round(speedup_vs_retrain, 1) AS speedup FROM diffattr.v_coalition_cost WHERE experiment = ? "
+     "ORDER BY mean_wall_seconds DESC"),
+    ("Group counterfactual (retrained without the top / bottom groups; change of F vs the full model):",
+     "SELECT estimator, removed, groups_removed, property, round(change, 3) AS change_of_F FROM "
+     "diffattr.group_counterfactual WHERE experiment = ? ORDER BY estimator, property, removed DESC"),
+)
+
+
 def summary(exp, storage) -> str:
     wh = storage.warehouse()
     lines = [f"Artefacts: {storage.paths(exp.name).base}", f"Warehouse: {wh.path}", ""]
@@ -148,46 +178,11 @@ def summary(exp, storage) -> str:
                     "min(parameters) AS parameters, round(avg(final_loss), 4) AS mean_final_loss, "
                     "round(avg(wall_seconds), 1) AS mean_wall_s FROM diffattr.training_runs WHERE experiment = ? "
                     "GROUP BY model ORDER BY min(created_at)", [exp.name])
-    attribution = wh.query(
-        "SELECT method, kind, scorer, round(kernel_lambda, 4) AS lambda, n_queries, n_train, "
-        "unique_in_top_k || '/' || top_k_slots AS unique_top_k FROM diffattr.attribution_runs WHERE experiment = ? "
-        "ORDER BY method", [exp.name])
     lines += ["Datasets:", datasets.to_string(index=False), "", "Models:", runs.to_string(index=False), ""]
-    if len(attribution):
-        lines += ["Attribution (unique_top_k: distinct training images among all queries' top-k proponents):",
-                  attribution.to_string(index=False), ""]
-    lds = wh.query(
-        "SELECT method, query_set, round(value, 3) AS lds, '[' || round(ci_low, 3) || ', ' || round(ci_high, 3) || ']' "
-        "AS ci95, round(noise_ceiling, 3) AS ceiling, round(kernel_lambda, 4) AS lambda, n_subsets, n_queries "
-        "FROM diffattr.lds WHERE experiment = ? AND query_set != 'all' ORDER BY query_set, value DESC", [exp.name])
-    if len(lds):
-        lines += ["LDS on the test subsets (bootstrap 95% CI over queries; ceiling: best LDS reachable given "
-                  "seed-to-seed training noise):", lds.to_string(index=False), ""]
-    cf = wh.query("SELECT method, count(*) AS queries, round(avg(pixel_l2), 3) AS mean_pixel_l2, "
-                  "round(avg(embedding_cosine), 4) AS mean_embedding_cosine FROM diffattr.counterfactual "
-                  "WHERE experiment = ? GROUP BY method ORDER BY method", [exp.name])
-    if len(cf):
-        lines += ["Counterfactual (regenerated after removing each method's top proponents or random images; larger "
-                  "L2 / lower cosine = the removed images mattered more):", cf.to_string(index=False), ""]
-    glds = wh.query(
-        "SELECT property, estimator, round(group_lds, 3) AS group_lds, '[' || round(ci_low, 2) || ', ' || "
-        "round(ci_high, 2) || ']' AS ci95, n_coalitions FROM diffattr.v_group_lds WHERE experiment = ? "
-        "ORDER BY property, group_lds DESC", [exp.name])
-    if len(glds):
-        lines += ["Group LDS (Spearman of summed group values vs F of models retrained on held-out half coalitions):",
-                  glds.to_string(index=False), ""]
-    cost = wh.query("SELECT method, models, steps, parameters, round(mean_wall_seconds, 1) AS s_per_model, "
-                    "round(speedup_vs_retrain, 1) AS speedup FROM diffattr.v_coalition_cost WHERE experiment = ? "
-                    "ORDER BY mean_wall_seconds DESC", [exp.name])
-    if len(cost):
-        lines += ["Coalition models (wall seconds while running in parallel; benchmarks/coalition_speed.py measures "
-                  "them alone):", cost.to_string(index=False), ""]
-    gcf = wh.query("SELECT estimator, removed, groups_removed, property, round(change, 3) AS change_of_F FROM "
-                   "diffattr.group_counterfactual WHERE experiment = ? ORDER BY estimator, property, removed DESC",
-                   [exp.name])
-    if len(gcf):
-        lines += ["Group counterfactual (retrained without the top / bottom groups; change of F vs the full model):",
-                  gcf.to_string(index=False), ""]
+    for title, sql in SUMMARY_SECTIONS:
+        table = wh.query(sql, [exp.name])
+        if len(table):
+            lines += [title, table.to_string(index=False), ""]
     lines += ["See the results with SQL:",
               f"  duckdb -readonly {wh.path} \"SELECT method, query_id, rank, train_id, train_group, "
               f"round(score, 4) AS score FROM diffattr.top_attributions WHERE experiment = '{exp.name}' AND "
