@@ -6,6 +6,7 @@ from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from .common import code_version, finish, key, png_markdown, setup_torch
+from .modeling import ModelKit, training_inputs
 
 RANDOM = "random"
 
@@ -54,8 +55,9 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         group_name="models",
         kinds={"pytorch", "diffusers"},
         partitions_def=partitions,
-        deps=[key(exp, "training_set"), key(exp, "query_set"), *[key(exp, f"scores_{m}") for m in cf.methods]],
-        code_version=code_version("1", exp, "model", "training", "queries", "counterfactual"),
+        deps=[*[key(exp, n) for n in training_inputs(exp)], key(exp, "query_set"),
+              *[key(exp, f"scores_{m}") for m in cf.methods]],
+        code_version=code_version("1", exp, "model", "training", "queries", "counterfactual", "lora"),
         description=f"For each of the first {cf.n_queries} generated queries and each method (and a random "
                     f"control): the base recipe retrained without the query's top {cf.remove} proponents, and the "
                     "query regenerated from its original seed.",
@@ -64,19 +66,16 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         import numpy as np
 
         from attribution.influence_stats import top_k
-        from attribution.models import build_scheduler
         from attribution.runtime import stable_seed
-        from attribution.sampling import ddim_sample
-        from attribution.training import train_ddpm
         from storage.artefacts import load_arrays, save_arrays
         from storage.datasets import load_image_dataset
-        from storage.models import save_model
         from storage.scores import load_scores
 
         device = setup_torch(exp)
         q_part, method = context.partition_key.split("__")
         q = int(q_part[1:])
-        paths = storage.paths(exp.name)
+        kit = ModelKit(exp, storage.paths(exp.name), device)
+        paths = kit.paths
         train, _ = load_image_dataset(paths.dataset("train_images"))
         queries = load_arrays(paths.dataset("query_set"))[0]
         if method == RANDOM:
@@ -86,12 +85,10 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
             removed = np.sort(top_k(load_scores(paths.scores(method))[0]["scores"][q:q + 1], cf.remove)[0])
         keep = np.setdiff1d(np.arange(len(train)), removed)
         context.log.info(f"query {q}, {method}: retraining on {len(keep)} images ({cf.remove} removed)")
-        result = train_ddpm(train.images[keep], exp.model, exp.training, device=device)
-        scheduler = build_scheduler(exp.model)
-        regen = ddim_sample(result.unet, scheduler.config, queries["seed"][q:q + 1], train.shape,
-                            steps=exp.queries.sampling_steps, device=device).images[0]
-        name = f"counterfactual/{context.partition_key}"
-        digest = save_model(paths.model(name), result.unet, scheduler, meta={"query": q, "method": method})
+        result = kit.train(train.images[keep], train.labels[keep])
+        regen = kit.sample(result.unet, queries["seed"][q:q + 1], queries["label"][q:q + 1],
+                           train.shape, steps=exp.queries.sampling_steps).images[0]
+        digest = kit.save(f"counterfactual/{context.partition_key}", result.unet, meta={"query": q, "method": method})
         save_arrays(paths.dataset(f"counterfactual_{context.partition_key}"),
                     {"regenerated": regen, "removed": removed}, {"query": q, "method": method})
         l2 = float(np.linalg.norm(regen - queries["images"][q]))

@@ -6,6 +6,7 @@ from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from .common import code_version, finish, key, png_markdown, setup_torch
+from .modeling import ModelKit, explained_model, training_inputs
 
 DATA, MODELS, EVAL = "data", "models", "evaluation"
 KERNEL_SCORERS = ("kernel", "relative_if", "renormalized_if")
@@ -63,31 +64,30 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         group_name=MODELS,
         kinds={"pytorch", "diffusers"},
         partitions_def=subset_partitions(exp),
-        deps=[key(exp, "lds_subsets"), key(exp, "training_set")],
-        code_version=code_version("1", exp, "model", "training", "lds"),
+        deps=[key(exp, "lds_subsets"), *[key(exp, n) for n in training_inputs(exp)]],
+        code_version=code_version("1", exp, "model", "training", "lds", "lora"),
         description="One model per (subset, seed), retrained from scratch with the base recipe. A seed gives the "
                     "same initialisation and random streams for every subset (common random numbers).",
     )
     def subset_models(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        from attribution.models import build_scheduler, count_parameters
-        from attribution.training import train_ddpm
+        from attribution.models import count_parameters
         from storage.artefacts import load_arrays
         from storage.datasets import load_image_dataset
-        from storage.models import save_model
         from storage.warehouse import now
 
         device = setup_torch(exp)
         dims = context.partition_key.keys_by_dimension
         subset, seed = int(dims["subset"][1:]), int(dims["seed"])
-        paths = storage.paths(exp.name)
+        kit = ModelKit(exp, storage.paths(exp.name), device)
+        paths = kit.paths
         train, _ = load_image_dataset(paths.dataset("train_images"))
         masks = load_arrays(paths.dataset("lds_subsets"), "LDS subsets (materialize lds_subsets)")[0]["masks"]
         images = train.images[masks[subset]]
         context.log.info(f"subset {subset} ({len(images)} images), seed {seed}: {exp.training.steps} steps")
-        result = train_ddpm(images, exp.model, exp.training, seed=seed, device=device)
+        result = kit.train(images, train.labels[masks[subset]], seed=seed)
         name = subset_model_name(subset, seed)
-        digest = save_model(paths.model(name), result.unet, build_scheduler(exp.model),
-                            meta={"subset": subset, "seed": seed, "wall_seconds": result.wall_seconds})
+        digest = kit.save(name, result.unet, meta={"subset": subset, "seed": seed,
+                                                   "wall_seconds": result.wall_seconds})
         final_loss = float(result.loss_curve[-min(100, len(result.loss_curve)):].mean())
         storage.warehouse().replace_rows("training_runs", [dict(
             experiment=exp.name, model="subset_model", partition_key=context.partition_key, n_train=len(images),
@@ -124,6 +124,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         device = setup_torch(exp)
         paths = storage.paths(exp.name)
         queries = load_arrays(paths.dataset("query_set"), "query set (materialize query_set)")[0]
+        cond = ModelKit(exp, paths, device).conditioning(queries["label"])
         out = np.zeros((len(queries["images"]), lds.n_subsets, len(lds.seeds)))
         missing = []
         rows = []
@@ -136,7 +137,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
                     continue
                 out[:, i, r] = query_losses(model.load_unet(device), NoiseSchedule.from_scheduler(
                     model.load_scheduler()), queries["images"], n_timesteps=lds.output_timesteps,
-                    n_noises=lds.output_noises, seed=lds.output_seed, device=device)
+                    n_noises=lds.output_noises, seed=lds.output_seed, device=device, cond=cond)
                 rows += [(exp.name, i, seed, q, str(queries["kind"][q]), float(out[q, i, r]))
                          for q in range(out.shape[0])]
         if missing:
@@ -224,7 +225,7 @@ def evaluate_lds(exp: Experiment, storage):
         if method.kind in ("trak", "journey_trak") and method.scorer in KERNEL_SCORERS:
             by_lambda, factor_of = {}, {}
             for factor in lds.lambda_factors:
-                arrays, value = compute_scores(paths, name, method, factor, train, queries)
+                arrays, value = compute_scores(paths, explained_model(exp), name, method, factor, train, queries)
                 by_lambda[value], factor_of[value] = arrays["scores"], factor
             lam, sweep = choose_lambda(by_lambda, masks[sel], actual[:, sel])
             scores = by_lambda[lam]

@@ -6,6 +6,7 @@ from attribution.experiment import Experiment, MethodSpec
 from storage.resources import StorageResource
 
 from .common import code_version, finish, key, setup_torch
+from .modeling import ModelKit, explained_model
 
 GROUP = "features"
 SIMILARITY_KINDS = ("pixel", "embedding")  # methods scored directly on images, no gradient features
@@ -22,7 +23,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         key=key(exp, f"features_{name}"),
         group_name=GROUP,
         kinds={"pytorch", "zarr"},
-        deps=[key(exp, "base_model"), key(exp, "training_set"), key(exp, "query_set")],
+        deps=[key(exp, explained_model(exp)), key(exp, "training_set"), key(exp, "query_set")],
         code_version=code_version("1", exp, "attribution"),
         description=f"Projected per-sample gradient features for '{name}' ({method.kind}, output {method.output}, "
                     f"K={method.K}, {a.projector} projection to k={a.proj_dim}): zarr stores for the training and "
@@ -39,12 +40,12 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         from storage.artefacts import load_arrays
         from storage.datasets import load_image_dataset
         from storage.features import FeatureStore, compute_missing_shards
-        from storage.models import StoredModel
         from storage.warehouse import now
 
-        setup_torch(exp)
+        device = setup_torch(exp)
         paths = storage.paths(exp.name)
-        model = StoredModel(paths.model("base_model"))
+        kit = ModelKit(exp, paths, device)
+        model = kit.stored(explained_model(exp))
         record = model.load_record()
         schedule = NoiseSchedule.from_scheduler(model.load_scheduler())
         train, _ = load_image_dataset(paths.dataset("train_images"))
@@ -53,10 +54,9 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         recipes = feature_recipes(name, method, model.n_checkpoints())
         rows, digests, table = {}, [], []
         for recipe in recipes:
-            unet = model.load_unet()
-            if recipe.checkpoint is not None:
-                unet.load_state_dict(model.load_checkpoint(recipe.checkpoint))
-            x, ids, t = recipe_inputs(recipe, train.images, queries, record, n_gen)
+            unet = model.load_unet(checkpoint=recipe.checkpoint)
+            x, ids, t, labels = recipe_inputs(recipe, train, queries, record, n_gen)
+            cond = kit.conditioning(labels)
             data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
             feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim,
                               proj_seed=a.proj_seed, noise_seed=a.noise_seed)
@@ -66,11 +66,12 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
             store = FeatureStore.create_or_open(paths.features(recipe.store_name), spec, len(x), feat.dim,
                                                 a.shard_rows)
 
-            def compute(shard, sl, x=x, ids=ids, t=t, feat=feat):
+            def compute(shard, sl, x=x, ids=ids, t=t, cond=cond, feat=feat):
                 out = []
                 for b in range(sl.start, sl.stop, a.batch_size):
                     e = min(b + a.batch_size, sl.stop)
-                    out.append(feat.rows(x[b:e], ids[b:e], None if t is None else t[b:e]))
+                    out.append(feat.rows(x[b:e], ids[b:e], None if t is None else t[b:e],
+                                         None if cond is None else cond[b:e]))
                 return np.concatenate(out)
 
             start = time.perf_counter()
@@ -105,20 +106,22 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
     return features
 
 
-def recipe_inputs(recipe, train_images, queries: dict, record: dict, n_gen: int, query_ids=None):
-    """(x, ids, t) a recipe featurizes: training images (with their recorded timesteps for TracIn), the queries, or
-    the queries' Journey-TRAK trajectory points. Query ids are negative (default -1, -2, ...) so their noise streams
-    never coincide with a training sample's."""
+def recipe_inputs(recipe, train, queries: dict, record: dict, n_gen: int, query_ids=None):
+    """(x, ids, t, labels) a recipe featurizes: training images (with their recorded timesteps for TracIn), the
+    queries, or the queries' Journey-TRAK trajectory points; labels condition a conditional model. Query ids are
+    negative (default -1, -2, ...) so their noise streams never coincide with a training sample's."""
     import numpy as np
 
     from attribution.methods import journey_query_inputs
 
     if recipe.role == "train":
         t = record["last_timesteps"][recipe.checkpoint] if recipe.timesteps == "recorded" else None
-        return train_images, np.arange(len(train_images)), t
+        return train.images, np.arange(len(train.images)), t, train.labels
     ids = query_ids if query_ids is not None else -1 - np.arange(len(queries["images"]))
+    labels = queries["label"] if "label" in queries else np.zeros(len(queries["images"]), np.int64)
     if recipe.timesteps == "trajectory":
         x, t, steps = journey_query_inputs(queries["trajectory_x0"], queries["trajectory_timesteps"],
                                            queries["images"], n_gen)
-        return x, (-1 - np.arange(len(x)) if query_ids is None else np.repeat(ids, steps)), t
-    return queries["images"], ids, None
+        return (x, (-1 - np.arange(len(x)) if query_ids is None else np.repeat(ids, steps)), t,
+                np.repeat(labels, steps))
+    return queries["images"], ids, None, labels

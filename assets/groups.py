@@ -11,6 +11,7 @@ from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from .common import code_version, finish, key, png_markdown, setup_torch
+from .modeling import ModelKit, explained_model, generation_labels, training_inputs
 
 SFT = "sparsified_finetune"
 DIRECTIONS = ("top", "bottom")
@@ -74,16 +75,18 @@ class GameScorer:
             embed, proba = (lambda x: classifier_embed(clf, x)), (lambda x: predict_proba(clf, x))
         reference, _ = load_image_dataset(paths.dataset("heldout_images"))
         self.shape = reference.shape
+        self.labels = generation_labels(exp, load_image_dataset(paths.dataset("train_images"))[0].labels,
+                                        sh.n_images)
+        self.kit = ModelKit(exp, paths, device)
         self.context = build_context(embed, proba, reference.images, sh.reference_clusters)
 
     def __call__(self, unet):
-        from attribution.models import build_scheduler
         from attribution.properties import evaluate_property
-        from attribution.sampling import ddim_sample, image_seeds
+        from attribution.sampling import image_seeds
 
         sh = self.exp.shapley
-        images = ddim_sample(unet, build_scheduler(self.exp.model).config, image_seeds(sh.image_seed, sh.n_images),
-                             self.shape, steps=sh.sampling_steps, device=self.device).images
+        images = self.kit.sample(unet, image_seeds(sh.image_seed, sh.n_images), self.labels, self.shape,
+                                 steps=sh.sampling_steps).images
         return images, {p: evaluate_property(p, images, self.context) for p in sh.properties}
 
 
@@ -129,7 +132,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
     G = len(sh.groups)
     plan = coalition_plan(exp)
     empty, full = coalition_id([False] * G), coalition_id([True] * G)
-    scored = [key(exp, "image_encoder"), key(exp, "training_set")]
+    scored = [key(exp, "image_encoder"), *[key(exp, n) for n in training_inputs(exp)]]
 
     @dg.asset(
         key=key(exp, "contributor_groups"),
@@ -168,20 +171,19 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         group_name="models",
         kinds={"pytorch", "diffusers"},
         deps=scored,
-        code_version=code_version("1", exp, "model", "training", "shapley"),
-        description="The empty coalition: the untrained model (the training seed's initial weights), v(empty).",
+        code_version=code_version("1", exp, "model", "training", "shapley", "lora"),
+        description="The empty coalition, v(empty): " + ("the base model with the training seed's fresh LoRA "
+                    "adapter (no update yet)." if exp.lora.enabled else "the untrained model (the training seed's "
+                    "initial weights)."),
     )
     def null_model(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        from attribution.models import build_scheduler, build_unet, count_parameters
-        from attribution.runtime import stable_seed
-        from storage.models import save_model
+        from attribution.models import count_parameters
 
         device = setup_torch(exp)
         paths = storage.paths(exp.name)
         scorer = GameScorer(exp, paths, device)
-        c, h, _ = scorer.shape
-        unet = build_unet(exp.model, sample_size=h, channels=c, seed=stable_seed("init", exp.training.seed))
-        digest = save_model(paths.model("null_model"), unet, build_scheduler(exp.model))
+        unet = scorer.kit.initial(scorer.shape, exp.training.seed)
+        digest = scorer.kit.save("null_model", unet)
         images, values = scorer(unet)
         return finish(context, storage, exp, digest, record_game_model(
             context, storage, exp, name=result_name("null", empty), method="null", cid=empty, purpose="null",
@@ -191,7 +193,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "full_model"),
         group_name="models",
         kinds={"pytorch"},
-        deps=[key(exp, "base_model"), *scored],
+        deps=[key(exp, explained_model(exp)), *scored],
         code_version=code_version("1", exp, "shapley"),
         description="The full coalition under retraining: the base model (the same recipe on every group), scored "
                     "on the global properties, v(full).",
@@ -204,7 +206,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
 
         device = setup_torch(exp)
         paths = storage.paths(exp.name)
-        base = StoredModel(paths.model("base_model"))
+        base = StoredModel(paths.model(explained_model(exp)))
         unet = base.load_unet(device)
         images, values = GameScorer(exp, paths, device)(unet)
         return finish(context, storage, exp, base.digest, record_game_model(
@@ -226,46 +228,46 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
 
 def _pruned_model(exp: Experiment, scored: list) -> dg.AssetsDefinition:
     sh = exp.shapley
+    what, how = (("LoRA ranks", "per layer, by the norm of each rank-1 update") if exp.lora.enabled else
+                 ("channels", "structured, L2 magnitude, torch-pruning"))
 
     @dg.asset(
         key=key(exp, "pruned_model"),
         group_name="models",
         kinds={"pytorch", "diffusers"},
-        deps=[key(exp, "base_model"), *scored],
+        deps=[key(exp, explained_model(exp)), *scored],
         code_version=code_version("1", exp, "shapley"),
-        description=f"sFT's starting point: the base model with {sh.prune_ratio:.0%} of its channels pruned "
-                    f"(structured, L2 magnitude, torch-pruning), then fine-tuned on the full data for "
+        description=f"sFT's starting point: the {explained_model(exp)} with {sh.prune_ratio:.0%} of its {what} "
+                    f"pruned ({how}), then fine-tuned on the full data for "
                     f"{sh.pruned_finetune.steps} steps. Pruned once; every coalition fine-tunes a copy.",
     )
     def pruned_model(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         import time
 
-        from attribution.models import build_scheduler, count_parameters
-        from attribution.pruning import prune_unet
-        from attribution.training import train_ddpm
+        from attribution.models import count_parameters
         from storage.datasets import load_image_dataset
-        from storage.models import StoredModel, save_model
 
         device = setup_torch(exp)
-        paths = storage.paths(exp.name)
+        scorer = GameScorer(exp, storage.paths(exp.name), device)
+        kit, paths = scorer.kit, scorer.kit.paths
         train, _ = load_image_dataset(paths.dataset("train_images"))
-        unet = StoredModel(paths.model("base_model")).load_unet()
+        unet = kit.load(explained_model(exp))
         start = time.perf_counter()
-        report = prune_unet(unet, sh.prune_ratio)
+        report = kit.prune(unet, sh.prune_ratio)
         prune_seconds = time.perf_counter() - start
-        context.log.info(f"pruned {report.params_before} -> {report.params_after} parameters "
-                         f"({report.achieved_param_ratio:.1%} removed); recovering for {sh.pruned_finetune.steps} steps")
-        result = train_ddpm(train.images, exp.model, sh.pruned_finetune, init_model=unet, device=device)
-        digest = save_model(paths.model("pruned_model"), result.unet, build_scheduler(exp.model), pruned=True,
-                            meta={"prune": report.to_dict(), "recovery_seconds": result.wall_seconds})
-        images, values = GameScorer(exp, paths, device)(result.unet)
+        removed = 1 - report["params_after"] / report["params_before"]
+        context.log.info(f"pruned {report['params_before']} -> {report['params_after']} {what} parameters "
+                         f"({removed:.1%} removed); recovering for {sh.pruned_finetune.steps} steps")
+        result = kit.train(train.images, train.labels, sh.pruned_finetune, init=unet)
+        digest = kit.save("pruned_model", result.unet, pruned=True,
+                          meta={"prune": report, "recovery_seconds": result.wall_seconds})
+        images, values = scorer(result.unet)
         meta = record_game_model(
             context, storage, exp, name="pruned_model", method=SFT, cid="pruned", purpose="pruned",
             n_train=len(train), steps=sh.pruned_finetune.steps, parameters=count_parameters(result.unet),
             wall_seconds=prune_seconds + result.wall_seconds, images=images, values=values)
         return finish(context, storage, exp, digest, {
-            **meta, "parameters_before": report.params_before,
-            "parameters_removed": round(report.achieved_param_ratio, 4)})
+            **meta, "parameters_before": report["params_before"], "parameters_removed": round(removed, 4)})
 
     return pruned_model
 
@@ -275,7 +277,7 @@ def _coalition_models(exp: Experiment, plan, scored: list) -> dg.AssetsDefinitio
     keys = coalition_partition_keys(exp, plan)
     deps = [key(exp, "contributor_groups"), *scored]
     if "finetune" in sh.methods:
-        deps.append(key(exp, "base_model"))
+        deps.append(key(exp, explained_model(exp)))
     if SFT in sh.methods:
         deps.append(key(exp, "pruned_model"))
 
@@ -285,22 +287,21 @@ def _coalition_models(exp: Experiment, plan, scored: list) -> dg.AssetsDefinitio
         kinds={"pytorch", "diffusers"},
         partitions_def=dg.StaticPartitionsDefinition(keys),
         deps=deps,
-        code_version=code_version("1", exp, "model", "training", "shapley"),
+        code_version=code_version("1", exp, "model", "training", "shapley", "lora"),
         description="One model per (method, coalition) of the game: retrained from scratch, the full model "
                     f"fine-tuned ({sh.finetune.steps} steps), or the pruned model fine-tuned (sFT) on the coalition's "
                     "groups; scored on the global properties. Wall time per model is recorded (coalition_runs).",
     )
     def coalition_models(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         from attribution.groups import Groups, parse_coalition_id
-        from attribution.models import build_scheduler, count_parameters
-        from attribution.training import train_ddpm
+        from attribution.models import count_parameters
         from storage.artefacts import load_arrays
         from storage.datasets import load_image_dataset
-        from storage.models import StoredModel, save_model
 
         device = setup_torch(exp)
         method, cid = context.partition_key.split("__")
-        paths = storage.paths(exp.name)
+        scorer = GameScorer(exp, storage.paths(exp.name), device)
+        kit, paths = scorer.kit, scorer.kit.paths
         train, _ = load_image_dataset(paths.dataset("train_images"))
         arrays, meta = load_arrays(paths.result("contributor_groups"), "contributor groups (materialize "
                                    "contributor_groups)")
@@ -308,14 +309,13 @@ def _coalition_models(exp: Experiment, plan, scored: list) -> dg.AssetsDefinitio
         if method == "retrain":
             init, spec = None, exp.training
         else:
-            init = StoredModel(paths.model("pruned_model" if method == SFT else "base_model")).load_unet()
+            init = kit.load("pruned_model" if method == SFT else explained_model(exp))
             spec = sh.finetune
         context.log.info(f"{method} on coalition {cid}: {len(rows)} images, {spec.steps} steps")
-        result = train_ddpm(train.images[rows], exp.model, spec, init_model=init, device=device)
-        digest = save_model(paths.model(f"coalitions/{context.partition_key}"), result.unet,
-                            build_scheduler(exp.model), pruned=method == SFT,
-                            meta={"method": method, "coalition": cid, "wall_seconds": result.wall_seconds})
-        images, values = GameScorer(exp, paths, device)(result.unet)
+        result = kit.train(train.images[rows], train.labels[rows], spec, init=init)
+        digest = kit.save(f"coalitions/{context.partition_key}", result.unet, pruned=method == SFT,
+                          meta={"method": method, "coalition": cid, "wall_seconds": result.wall_seconds})
+        images, values = scorer(result.unet)
         return finish(context, storage, exp, digest, record_game_model(
             context, storage, exp, name=result_name(method, cid), method=method, cid=cid,
             purpose=_purposes(plan, cid), n_train=len(rows), steps=spec.steps,
@@ -518,7 +518,7 @@ def _group_counterfactual(exp: Experiment, full: str, scored: list) -> list[dg.A
         kinds={"pytorch", "diffusers"},
         partitions_def=dg.StaticPartitionsDefinition(keys),
         deps=[key(exp, "group_values"), key(exp, "contributor_groups"), *scored],
-        code_version=code_version("1", exp, "model", "training", "shapley"),
+        code_version=code_version("1", exp, "model", "training", "shapley", "lora"),
         description=f"The base recipe retrained without the top or the bottom {sh.counterfactual_fraction:.0%} of "
                     f"groups by each estimator's value for {primary}; scored on the global properties.",
     )
@@ -527,15 +527,14 @@ def _group_counterfactual(exp: Experiment, full: str, scored: list) -> list[dg.A
         import numpy as np
 
         from attribution.groups import Groups, coalition_id
-        from attribution.models import build_scheduler, count_parameters
-        from attribution.training import train_ddpm
+        from attribution.models import count_parameters
         from storage.artefacts import load_arrays
         from storage.datasets import load_image_dataset
-        from storage.models import save_model
 
         device = setup_torch(exp)
         estimator, direction = context.partition_key.split("__")
-        paths = storage.paths(exp.name)
+        scorer = GameScorer(exp, storage.paths(exp.name), device)
+        kit, paths = scorer.kit, scorer.kit.paths
         train, _ = load_image_dataset(paths.dataset("train_images"))
         values = load_arrays(paths.result("group_values"), "group values (materialize group_values)")[0]
         arrays, meta = load_arrays(paths.result("contributor_groups"))
@@ -545,10 +544,9 @@ def _group_counterfactual(exp: Experiment, full: str, scored: list) -> list[dg.A
         rows = Groups(tuple(meta["groups"]), arrays["membership"]).rows(mask)
         context.log.info(f"{estimator}, {direction}: removing groups {[sh.groups[g] for g in removed]}, retraining "
                          f"on {len(rows)} images")
-        result = train_ddpm(train.images[rows], exp.model, exp.training, device=device)
-        digest = save_model(paths.model(f"group_counterfactual/{context.partition_key}"), result.unet,
-                            build_scheduler(exp.model), meta={"removed": removed})
-        images, values_f = GameScorer(exp, paths, device)(result.unet)
+        result = kit.train(train.images[rows], train.labels[rows])
+        digest = kit.save(f"group_counterfactual/{context.partition_key}", result.unet, meta={"removed": removed})
+        images, values_f = scorer(result.unet)
         return finish(context, storage, exp, digest, record_game_model(
             context, storage, exp, name=f"group_counterfactual/{context.partition_key}", method="retrain",
             cid=coalition_id(mask), purpose=f"counterfactual_{direction}:{estimator}", n_train=len(rows),

@@ -8,6 +8,7 @@ from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from .common import code_version, finish, key, png_markdown, setup_torch
+from .modeling import explained_model
 
 GRID_PROPONENTS = 8
 
@@ -20,7 +21,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
     if not exp.operations.inbox:
         return []
     a = exp.attribution
-    deps = [key(exp, "training_set"), key(exp, "base_model"), key(exp, "query_set")]
+    deps = [key(exp, "training_set"), key(exp, explained_model(exp)), key(exp, "query_set")]
     deps += [key(exp, f"features_{n}") for n, m in a.methods.items() if m.kind not in ("pixel", "embedding")]
     if any(m.kind == "embedding" for m in a.methods.values()):
         deps.append(key(exp, "image_encoder"))
@@ -64,7 +65,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         rows, grid, scores = [], [], {}
         created, run_id = now(), context.run.run_id
         for name, method in a.methods.items():
-            arrays, _ = compute_scores(paths, name, method, a.lambda_factor, train, queries,
+            arrays, _ = compute_scores(paths, explained_model(exp), name, method, a.lambda_factor, train, queries,
                                        query_features=fresh_query_features(exp, paths, name, method, queries,
                                                                            np.array([query_id])))
             s = arrays["scores"]
@@ -107,14 +108,12 @@ def fresh_query_features(exp: Experiment, paths, name: str, method, queries: dic
     a = exp.attribution
     if method.kind in ("pixel", "embedding"):
         return {}
-    model = StoredModel(paths.model("base_model"))
+    model = StoredModel(paths.model(explained_model(exp)))
     schedule = NoiseSchedule.from_scheduler(model.load_scheduler())
     out = {}
     for recipe in feature_recipes(name, method, model.n_checkpoints())[1::2]:
-        unet = model.load_unet()
-        if recipe.checkpoint is not None:
-            unet.load_state_dict(model.load_checkpoint(recipe.checkpoint))
-        x, ids, t = recipe_inputs(recipe, None, queries, {}, n_gen=0, query_ids=query_ids)
+        unet = model.load_unet(checkpoint=recipe.checkpoint)
+        x, ids, t, _ = recipe_inputs(recipe, None, queries, {}, n_gen=0, query_ids=query_ids)
         feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim, proj_seed=a.proj_seed,
                           noise_seed=a.noise_seed)
         rows = np.concatenate([feat.rows(x[b:b + a.batch_size], ids[b:b + a.batch_size],

@@ -6,6 +6,7 @@ from attribution.experiment import Experiment, MethodSpec
 from storage.resources import StorageResource
 
 from .common import code_version, finish, key, png_markdown
+from .modeling import explained_model
 
 GROUP = "attribution"
 GRID_PROPONENTS = 8
@@ -51,7 +52,7 @@ def _score_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsDef
         paths = storage.paths(exp.name)
         train, _ = load_image_dataset(paths.dataset("train_images"))
         queries, _ = load_arrays(paths.dataset("query_set"), "query set (materialize query_set first)")
-        arrays, lam = compute_scores(paths, name, method, a.lambda_factor, train, queries)
+        arrays, lam = compute_scores(paths, explained_model(exp), name, method, a.lambda_factor, train, queries)
         s = arrays["scores"]
         context.log.info(f"{name}: scores {s.shape}, lambda={lam}")
         save_scores(paths.scores(name), arrays, {"method": name, "kind": method.kind, "lambda": lam,
@@ -117,10 +118,11 @@ class InMemoryFeatures:
         return self.rows
 
 
-def compute_scores(paths, name: str, method: MethodSpec, lambda_factor: float, train, queries,
+def compute_scores(paths, model_name: str, name: str, method: MethodSpec, lambda_factor: float, train, queries,
                    query_features: dict | None = None):
-    """-> ({"scores": (m, n)[, "per_step": (m, S, n)]}, lambda or None). Reads the method's feature stores;
-    `query_features` (store name -> InMemoryFeatures) replaces the query-side stores."""
+    """-> ({"scores": (m, n)[, "per_step": (m, S, n)]}, lambda or None). Reads the method's feature stores, which
+    must come from the stored model `model_name`; `query_features` (store name -> InMemoryFeatures) replaces the
+    query-side stores."""
     import numpy as np
 
     from attribution import methods
@@ -137,7 +139,7 @@ def compute_scores(paths, name: str, method: MethodSpec, lambda_factor: float, t
         encoder = load_classifier(paths.model("image_encoder"))
         return {"scores": similarity_scores(embed(encoder, train.images), embed(encoder, queries["images"]),
                                             method.similarity)}, None
-    model = StoredModel(paths.model("base_model"))
+    model = StoredModel(paths.model(model_name))
     recipes = methods.feature_recipes(name, method, model.n_checkpoints())
     stores = {r.store_name: (query_features or {}).get(r.store_name) or FeatureStore.open(paths.features(r.store_name))
               for r in recipes}

@@ -11,9 +11,10 @@ def output_grid(n_timesteps: int, T: int) -> np.ndarray:
 
 
 def query_losses(unet, schedule, images: np.ndarray, *, n_timesteps: int, n_noises: int, seed: int,
-                 batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+                 batch_size: int = 256, device: str = "cpu", cond: np.ndarray | None = None) -> np.ndarray:
     """(m,) mean L_simple of each image over the grid x n_noises draws; draw r of query j at t comes from
-    sample_noise(seed, j, t, r), identical for every model evaluated."""
+    sample_noise(seed, j, t, r), identical for every model evaluated. `cond` (m, tokens, dim): each query's
+    encoder_hidden_states for a conditional model."""
     import torch
 
     from .runtime import single_thread
@@ -24,6 +25,7 @@ def query_losses(unet, schedule, images: np.ndarray, *, n_timesteps: int, n_nois
     pairs = [(j, int(t), r) for j in range(len(images)) for t in ts for r in range(n_noises)]
     shape = tuple(images.shape[1:])
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    c_all = None if cond is None else torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32))
     losses = np.zeros(len(images), dtype=np.float64)
     unet = unet.to(device).eval()
     with single_thread(), torch.no_grad():
@@ -33,7 +35,8 @@ def query_losses(unet, schedule, images: np.ndarray, *, n_timesteps: int, n_nois
             t = torch.tensor([c[1] for c in chunk])
             eps = torch.stack([sample_noise(seed, c[0], c[1], shape, draw=c[2]) for c in chunk])
             x_t = schedule.add_noise(x_all[j], eps, t)
-            pred = unet(x_t.to(device), t.to(device)).sample.cpu()
+            kw = {} if c_all is None else {"encoder_hidden_states": c_all[j].to(device)}
+            pred = unet(x_t.to(device), t.to(device), **kw).sample.cpu()
             per = ((pred - eps) ** 2).flatten(1).mean(1).double().numpy()
             np.add.at(losses, j.numpy(), per)
     return losses / (len(ts) * n_noises)

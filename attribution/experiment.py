@@ -249,6 +249,51 @@ class ShapleySpec(_Strict):
         return names + [f"{self.aggregate_how}_{a}" for a in (self.aggregate if per_sample is None else per_sample)]
 
 
+def _pretraining_default() -> TrainingSpec:
+    return TrainingSpec(steps=600, lr=2e-3, checkpoints=1)
+
+
+class LoRASpec(_Strict):
+    """The LoRA setting (DESIGN 1.1 "parameters", 1.5, 4): a conditional base model, and the model every attribution
+    method explains is a LoRA adapter fine-tuned on the training set (top-level `training` is its recipe; subset,
+    counterfactual and coalition models retrain the adapter from the same base). Conditioning is the image's
+    class label; contributors (shapley.groups) play the artists.
+
+    The embedded base is a UNet2DConditionModel (`model` section widths) pretrained on the `pretrain_groups`
+    images, which are then left out of the training and held-out sets; `base_pipeline` names a locally stored
+    Stable Diffusion pipeline directory instead."""
+
+    enabled: bool = True
+    base_pipeline: str | None = Field(default=None, description="local diffusers Stable Diffusion directory "
+                                      "(latent space; class prompts from `prompt`); default: the embedded base")
+    pretrain_groups: list[str] = Field(default_factory=list, description="groups whose images pretrain the "
+                                       "embedded base (never part of the training set)")
+    pretraining: TrainingSpec = Field(default_factory=_pretraining_default, description="embedded base training")
+    cross_attention_dim: int = Field(default=32, ge=1)
+    tokens: int = Field(default=1, ge=1, description="conditioning tokens per label (embedded class encoder)")
+    head_dim: int = Field(default=8, ge=1)
+    cross_attention_levels: int = Field(default=1, ge=1, description="lowest resolutions with cross-attention")
+    conditioning_seed: int = 0
+    prompt: str = Field(default="a picture of {label}", description="Stable Diffusion base: prompt per class label")
+    rank: int = Field(default=4, ge=1)
+    alpha: float | None = Field(default=None, gt=0, description="LoRA scaling alpha/rank; default alpha = rank")
+    target_modules: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+
+    @model_validator(mode="after")
+    def _one_base(self):
+        if not self.enabled:
+            return self
+        if self.base_pipeline and self.pretrain_groups:
+            raise ValueError("lora.pretrain_groups pretrain the embedded base; a Stable Diffusion base_pipeline is "
+                             "already trained: drop one of them")
+        if not self.base_pipeline and not self.pretrain_groups:
+            raise ValueError("lora needs a base: list lora.pretrain_groups (the embedded base is pretrained on "
+                             "them) or name a local Stable Diffusion directory in lora.base_pipeline")
+        if "{label}" not in self.prompt:
+            raise ValueError(f"lora.prompt {self.prompt!r} must contain {{label}}")
+        return self
+
+
 class OperationsSpec(_Strict):
     """How the experiment lives in Dagster: the evaluation schedule (off until switched on in the UI), the inbox of
     new query images, and whether declarative automation re-materializes stale assets."""
@@ -276,6 +321,7 @@ class Experiment(_Strict):
     lds: LDSSpec = LDSSpec()
     counterfactual: CounterfactualSpec = CounterfactualSpec()
     shapley: ShapleySpec = ShapleySpec(enabled=False)
+    lora: LoRASpec = LoRASpec(enabled=False)
     operations: OperationsSpec = OperationsSpec()
 
     @field_validator("name")
@@ -301,6 +347,19 @@ class Experiment(_Strict):
         if unknown:
             raise ValueError(f"shapley.aggregate {unknown} are not in attribution.methods "
                              f"{sorted(self.attribution.methods)}")
+        if self.lora.enabled and self.lora.base_pipeline and (self.lds.enabled or self.counterfactual.enabled
+                                                              or self.shapley.enabled or self.operations.inbox):
+            raise ValueError("a Stable Diffusion lora.base_pipeline supports training and per-sample attribution "
+                             "in latent space; set lds, counterfactual and shapley enabled: false and "
+                             "operations.inbox: false (their pixel-space image metrics are not wired to latents)")
+        if self.lora.enabled and self.operations.inbox:
+            raise ValueError("operations.inbox: inbox images carry no class label to condition a LoRA model on; "
+                             "set operations.inbox: false")
+        overlap = sorted(set(self.lora.pretrain_groups) & set(self.shapley.groups)) if self.lora.enabled \
+            and self.shapley.enabled else []
+        if overlap:
+            raise ValueError(f"shapley.groups {overlap} are lora.pretrain_groups: their images pretrain the base "
+                             "and are not in the training set")
         return self
 
     def section_json(self, *sections: str) -> str:

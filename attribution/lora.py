@@ -30,28 +30,34 @@ SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # ---------------------------------------------------------------------------------------------------- models
 def build_conditional_unet(block_out_channels, layers_per_block: int, norm_num_groups: int, sample_size: int,
-                           channels: int, cross_attention_dim: int, seed: int, head_dim: int = 8):
-    """A small UNet2DConditionModel: cross-attention at the lowest resolution (down, mid and up), plain blocks
-    elsewhere; the seed fixes the initial weights."""
+                           channels: int, cross_attention_dim: int, seed: int, head_dim: int = 8,
+                           cross_attention_levels: int = 1):
+    """A small UNet2DConditionModel: cross-attention at the `cross_attention_levels` lowest resolutions (down, mid
+    and up), plain blocks elsewhere; the seed fixes the initial weights."""
     from diffusers import UNet2DConditionModel
 
-    n, width = len(block_out_channels), int(block_out_channels[-1])
-    if width % head_dim:
-        raise ValueError(f"head_dim={head_dim} must divide the lowest-resolution width {width}")
-    down, up = ["DownBlock2D"] * n, ["UpBlock2D"] * n
-    down[-1], up[0] = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+    n, widths = len(block_out_channels), [int(c) for c in block_out_channels]
+    levels = int(cross_attention_levels)
+    if not 1 <= levels <= n:
+        raise ValueError(f"cross_attention_levels={levels} must be between 1 and the {n} resolution levels")
+    bad = [w for w in widths[n - levels:] if w % head_dim]
+    if bad:
+        raise ValueError(f"head_dim={head_dim} must divide the widths of the cross-attention levels {bad}")
+    down = ["DownBlock2D"] * (n - levels) + ["CrossAttnDownBlock2D"] * levels
+    up = ["CrossAttnUpBlock2D"] * levels + ["UpBlock2D"] * (n - levels)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
-        block_out_channels=tuple(block_out_channels),
+        block_out_channels=tuple(widths),
         layers_per_block=layers_per_block,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         norm_num_groups=norm_num_groups,
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=width // head_dim,  # diffusers' historical misnomer: this is the number of heads
+        # diffusers' historical misnomer: the number of heads per block (unused by plain blocks)
+        attention_head_dim=tuple(max(1, w // head_dim) for w in widths),
     )
     use_classic_attention(unet)
     return unet

@@ -121,16 +121,18 @@ class Featurizer:
     def dim(self) -> int:
         return self.projector.k
 
-    def rows(self, x0: np.ndarray, ids: np.ndarray, t: np.ndarray | None = None) -> np.ndarray:
+    def rows(self, x0: np.ndarray, ids: np.ndarray, t: np.ndarray | None = None,
+             cond: np.ndarray | None = None) -> np.ndarray:
         """Feature rows for images x0 (B, C, H, W) with stable row ids (B,) (they seed the noise and random
         timesteps, so a row never depends on its batch). `t` (B,): the recorded training timestep (TracIn train;
-        -1 = not trained yet, giving a zero row) or the trajectory timestep (Journey-TRAK query)."""
+        -1 = not trained yet, giving a zero row) or the trajectory timestep (Journey-TRAK query). `cond`
+        (B, tokens, dim): each row's encoder_hidden_states for a conditional model."""
         from .runtime import single_thread
 
         with single_thread():
-            return self._rows(x0, ids, t)
+            return self._rows(x0, ids, t, cond)
 
-    def _rows(self, x0, ids, t) -> np.ndarray:
+    def _rows(self, x0, ids, t, cond) -> np.ndarray:
         import torch
 
         from .timesteps import common_noise_fn, sample_noise_fn, timesteps
@@ -147,7 +149,8 @@ class Featurizer:
             t_sets = torch.as_tensor(np.maximum(t, 0), dtype=torch.long).reshape(-1, 1)
         eps = common_noise_fn(self.noise_seed, shape) if r.noise == "common" else \
             sample_noise_fn(self.noise_seed, ids, shape)
-        grads = self.engine.averaged_grads(x, t_sets, eps, noise_draws=r.noise_draws,
+        c = None if cond is None else torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32))
+        grads = self.engine.averaged_grads(x, t_sets, eps, c, noise_draws=r.noise_draws,
                                            normalize_per_timestep=r.normalize == "per_timestep")
         if r.normalize == "full":
             grads = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-30)

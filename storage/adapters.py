@@ -24,9 +24,8 @@ class BaseModelMismatchError(ValueError):
     """The adapter was trained on other base weights than the ones it is being loaded onto."""
 
 
-def save_adapter(url: str, unet, *, base_path: str | None = None, base_digest: str | None = None,
-                 meta: dict | None = None) -> str:
-    """Save the LoRA adapter of `unet` atomically and return its digest (the adapter's data version).
+def write_adapter(directory: Path, unet, *, base_path: str | None = None, base_digest: str | None = None) -> dict:
+    """Write the adapter of `unet` into `directory` in peft's format; -> its marker fields (digest, base, ranks).
 
     `base_digest` defaults to the digest of the model's own frozen base weights (attribution.lora.
     base_weights_digest, equal to storage.models.save_model's digest of that base)."""
@@ -38,17 +37,47 @@ def save_adapter(url: str, unet, *, base_path: str | None = None, base_digest: s
     if not getattr(unet, "peft_config", None) or ADAPTER not in unet.peft_config:
         raise ValueError("the model has no LoRA adapter to save (attribution.lora.add_lora first)")
     state = {k: v.contiguous() for k, v in lora_state_dict(unet).items()}
-    digest = state_dict_digest(state)
     base = {"path": None if base_path is None else str(base_path),
             "digest": base_digest or base_weights_digest(unet)}
     config = copy.deepcopy(unet.peft_config[ADAPTER])
     config.base_model_name_or_path = base["path"]
-    marker = {"format": FORMAT, "digest": digest, "base": base, "meta": meta or {},
-              "ranks": {k: int(v.shape[0]) for k, v in state.items() if k.endswith("lora_A.weight")}}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    config.save_pretrained(str(directory))
+    return {"format": FORMAT, "digest": state_dict_digest(state), "base": base,
+            "ranks": {k: int(v.shape[0]) for k, v in state.items() if k.endswith("lora_A.weight")}}
+
+
+def read_adapter(directory: Path, unet, what: str):
+    """Attach the adapter written by write_adapter in `directory` to the clean base model `unet` (in place)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from attribution.lora import attach_lora
+
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"LoRA adapter at {what} lacks {name}")
+    attach_lora(unet, LoraConfig.from_pretrained(str(directory)), state_dict=load_file(str(directory / WEIGHTS_FILE)))
+    return unet
+
+
+def check_base(info: dict, base_digest: str, what: str) -> None:
+    stored = info.get("base", {}).get("digest")
+    if stored != base_digest:
+        raise BaseModelMismatchError(
+            f"LoRA adapter at {what} was trained on base model {info['base'].get('path')!r} with digest "
+            f"{str(stored)[:12]}…, not the given base (digest {base_digest[:12]}…): load it onto its own base "
+            "model, or re-materialize the adapter after its base changed")
+
+
+def save_adapter(url: str, unet, *, base_path: str | None = None, base_digest: str | None = None,
+                 meta: dict | None = None) -> str:
+    """Save the LoRA adapter of `unet` atomically and return its digest (the adapter's data version)."""
+    marker = {"meta": meta or {}}
     with atomic_directory(url, marker) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
-    return digest
+        marker.update(write_adapter(tmp, unet, base_path=base_path, base_digest=base_digest))
+    return marker["digest"]
 
 
 def adapter_info(url: str) -> dict:
@@ -64,24 +93,8 @@ def load_adapter(url: str, unet, *, base_digest: str | None = None):
 
     Refuses an incomplete directory, and a base mismatch when `base_digest` is given (the stored base model's
     digest, or attribution.lora.base_weights_digest(unet) to check the very weights at hand)."""
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-
-    from attribution.lora import attach_lora
-
     info = adapter_info(url)
-    stored = info.get("base", {}).get("digest")
-    if base_digest is not None and stored != base_digest:
-        raise BaseModelMismatchError(
-            f"LoRA adapter at {url} was trained on base model {info['base'].get('path')!r} with digest "
-            f"{str(stored)[:12]}…, not the given base (digest {base_digest[:12]}…): load it onto its own base "
-            "model")
+    if base_digest is not None:
+        check_base(info, base_digest, url)
     with local_copy(url) as d:
-        d = Path(d)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            if not (d / name).is_file():
-                raise FileNotFoundError(f"LoRA adapter at {url} lacks {name}")
-        config = LoraConfig.from_pretrained(str(d))
-        state = load_file(str(d / WEIGHTS_FILE))
-    attach_lora(unet, config, state_dict=state)
-    return unet
+        return read_adapter(Path(d), unet, url)

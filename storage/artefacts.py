@@ -31,7 +31,8 @@ class IncompleteArtefactError(FileNotFoundError):
 
 @contextmanager
 def atomic_directory(url: str, meta: dict) -> Iterator[Path]:
-    """Yield a local staging directory; on clean exit it becomes `url` with a completion marker holding `meta`."""
+    """Yield a local staging directory; on clean exit it becomes `url` with a completion marker holding `meta`
+    (read at exit, so the block may fill in fields it computes, such as a digest)."""
     if is_local(url):
         final = Path(local_path(url))
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,10 @@
     <model>/checkpoints/ckpt_XXXX.safetensors   raw training weights at each checkpoint (TracIn)
     <model>/record.npz                 training record (loss curve, per-checkpoint last timesteps, lrs, ...)
     <model>/_COMPLETE.json             written last: digest and metadata; its absence means "not a model"
+
+A LoRA model (attribution.lora) stores no UNet: `<model>/adapter/` holds the adapter in peft's format
+(storage.adapters) and the marker names its base model {path, digest}; its checkpoints hold the adapter tensors
+only. Loading it loads the base model first and refuses a base whose weights changed since.
 """
 from __future__ import annotations
 
@@ -15,25 +19,36 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapters import check_base, read_adapter, write_adapter
 from .artefacts import atomic_directory, local_copy, read_marker
 
-
 PRUNED_WEIGHTS = "pruned_unet.safetensors"
+ADAPTER_DIR = "adapter"
 
 
 def save_model(url: str, unet, scheduler, *, checkpoints: list[dict] | None = None,
-               record: dict[str, np.ndarray] | None = None, meta: dict | None = None, pruned: bool = False) -> str:
+               record: dict[str, np.ndarray] | None = None, meta: dict | None = None, pruned: bool = False,
+               base: str | None = None) -> str:
     """Save a model directory atomically and return the weights digest (its data version).
 
     pruned=True for a channel-pruned UNet: its diffusers config still describes the unpruned template, so
-    save_pretrained would write weights that from_pretrained cannot load."""
+    save_pretrained would write weights that from_pretrained cannot load. `base`: the stored base model a LoRA
+    model's adapter was trained on (required for one; a rank-pruned adapter needs no `pruned`)."""
     from safetensors.torch import save_file
 
     from attribution.runtime import state_dict_digest
 
-    digest = state_dict_digest(unet.state_dict())
-    with atomic_directory(url, {"digest": digest, "meta": meta or {}, "pruned": pruned}) as tmp:
-        if pruned:
+    marker = {"meta": meta or {}, "pruned": pruned}
+    adapter = bool(getattr(unet, "peft_config", None))  # set by attribution.lora.add_lora
+    if adapter and base is None:
+        raise ValueError(f"{url}: a LoRA model is saved as its adapter: name the stored base model (base=...)")
+    if not adapter:
+        marker["digest"] = state_dict_digest(unet.state_dict())
+    with atomic_directory(url, marker) as tmp:
+        if adapter:
+            info = write_adapter(tmp / ADAPTER_DIR, unet, base_path=base, base_digest=StoredModel(base).digest)
+            marker.update(digest=info["digest"], adapter=info)
+        elif pruned:
             unet.save_config(tmp / "unet")
             save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
                       tmp / "unet" / PRUNED_WEIGHTS)
@@ -47,7 +62,7 @@ def save_model(url: str, unet, scheduler, *, checkpoints: list[dict] | None = No
         if record:
             np.savez(tmp / "record.npz", **record)
         (tmp / "meta.json").write_text(json.dumps(meta or {}, sort_keys=True, indent=1))
-    return digest
+    return marker["digest"]
 
 
 @dataclass
@@ -67,21 +82,41 @@ class StoredModel:
     def meta(self) -> dict:
         return self.marker.get("meta", {})
 
-    def load_unet(self, device: str = "cpu"):
-        from diffusers import UNet2DModel
+    @property
+    def base(self) -> "StoredModel | None":
+        """The base model of a LoRA model (None for a full model)."""
+        adapter = self.marker.get("adapter")
+        return StoredModel(adapter["base"]["path"]) if adapter else None
 
+    def load_unet(self, device: str = "cpu", checkpoint: int | None = None):
+        """The model (UNet2DModel, UNet2DConditionModel, or its base with the LoRA adapter attached), with the
+        weights of training checkpoint `checkpoint` when given."""
         from attribution.models import use_classic_attention
 
-        with local_copy(self.url) as d:
-            if self.marker.get("pruned"):
-                from safetensors.torch import load_file
+        base = self.base
+        if base is not None:
+            unet = base.load_unet()
+            check_base(self.marker["adapter"], base.digest, self.url)
+            with local_copy(self.url) as d:
+                read_adapter(Path(d) / ADAPTER_DIR, unet, self.url)
+        else:
+            with local_copy(self.url) as d:
+                cls = _unet_class(d / "unet")
+                if self.marker.get("pruned"):
+                    from safetensors.torch import load_file
 
-                from attribution.pruning import load_pruned_state
+                    from attribution.pruning import load_pruned_state
 
-                unet = UNet2DModel.from_config(UNet2DModel.load_config(d / "unet"))
-                load_pruned_state(unet, load_file(d / "unet" / PRUNED_WEIGHTS))
-            else:
-                unet = UNet2DModel.from_pretrained(d / "unet", local_files_only=True)
+                    unet = cls.from_config(cls.load_config(d / "unet"))
+                    load_pruned_state(unet, load_file(d / "unet" / PRUNED_WEIGHTS))
+                else:
+                    unet = cls.from_pretrained(d / "unet", local_files_only=True)
+        if checkpoint is not None:
+            state = self.load_checkpoint(checkpoint)
+            result = unet.load_state_dict(state, strict=base is None)
+            if result.unexpected_keys:
+                raise ValueError(f"checkpoint {checkpoint} of {self.url} has tensors the model lacks: "
+                                 f"{result.unexpected_keys[:5]}")
         use_classic_attention(unet)
         return unet.to(device).eval()
 
@@ -110,6 +145,16 @@ class StoredModel:
                 return {}
             with np.load(Path(d) / "record.npz") as z:
                 return {k: z[k] for k in z.files}
+
+
+def _unet_class(unet_dir: Path):
+    """UNet2DModel or UNet2DConditionModel, from the saved config's class name."""
+    import diffusers
+
+    name = json.loads((Path(unet_dir) / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ValueError(f"{unet_dir}: unsupported model class {name!r} (UNet2DModel or UNet2DConditionModel)")
+    return getattr(diffusers, name)
 
 
 def save_classifier(url: str, model, config: dict, meta: dict | None = None) -> str:
