@@ -26,6 +26,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
 
         from attribution.data import content_hash, load_dataset, train_heldout_split
         from attribution.images import image_grid
+        from storage.artefacts import save_arrays
         from storage.datasets import save_image_dataset
 
         d = exp.data
@@ -40,10 +41,13 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
             target, splits = np.flatnonzero(~pretrain), [("pretrain", np.flatnonzero(pretrain))]
         train_idx, heldout_idx = (target[i] for i in train_heldout_split(len(target), d.train_size, d.split_seed))
         paths = storage.paths(exp.name)
+        kit = ModelKit(exp, paths)
         rows = []
         for split, idx in [("train", train_idx), ("heldout", heldout_idx), *splits]:
             part = ds.subset(idx)
             save_image_dataset(paths.dataset(f"{split}_images"), part, idx)
+            if kit.latent and split != "pretrain":
+                save_arrays(paths.dataset(f"{split}_latents"), {"latents": kit.encode(part.images)})
             rows.append(dict(experiment=exp.name, dataset=d.source, split=split, n_images=len(part),
                              shape=str(part.shape), n_groups=len(set(part.groups.tolist())),
                              content_hash=content_hash(part), run_id=context.run.run_id))
@@ -101,7 +105,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         rng = np.random.default_rng(q.seed)
         pick = np.sort(rng.choice(len(heldout), q.n_heldout, replace=False))
         arrays = {
-            "images": np.concatenate([gen.images, heldout.images[pick]]).astype(np.float32),
+            "images": np.concatenate([kit.decode(gen.images), heldout.images[pick]]).astype(np.float32),
             "kind": np.array(["generated"] * q.n_generated + ["heldout"] * q.n_heldout),
             "label": np.concatenate([gen_labels, heldout.labels[pick]]).astype(np.int64),
             "seed": np.concatenate([seeds, np.full(q.n_heldout, -1)]),
@@ -109,6 +113,8 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
             "trajectory_x0": gen.x0_hat if gen.x0_hat is not None else np.zeros((0, 0, *shape), np.float32),
             "trajectory_timesteps": gen.timesteps,
         }
+        if kit.latent:  # what the model sees; "images" stay pictures
+            arrays["inputs"] = np.concatenate([gen.images, kit.inputs("heldout", heldout)[pick]]).astype(np.float32)
         from storage.artefacts import save_arrays
 
         save_arrays(paths.dataset("query_set"), arrays, {"model_digest": model.digest})

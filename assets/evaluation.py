@@ -6,7 +6,7 @@ from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from .common import code_version, finish, key, png_markdown, setup_torch
-from .modeling import ModelKit, explained_model, training_inputs
+from .modeling import ModelKit, explained_model, query_inputs, training_inputs
 
 DATA, MODELS, EVAL = "data", "models", "evaluation"
 KERNEL_SCORERS = ("kernel", "relative_if", "renormalized_if")
@@ -136,7 +136,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
                     missing.append(f"{subset_key(i)}|{seed}")
                     continue
                 out[:, i, r] = query_losses(model.load_unet(device), NoiseSchedule.from_scheduler(
-                    model.load_scheduler()), queries["images"], n_timesteps=lds.output_timesteps,
+                    model.load_scheduler()), query_inputs(queries), n_timesteps=lds.output_timesteps,
                     n_noises=lds.output_noises, seed=lds.output_seed, device=device, cond=cond)
                 rows += [(exp.name, i, seed, q, str(queries["kind"][q]), float(out[q, i, r]))
                          for q in range(out.shape[0])]

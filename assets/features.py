@@ -49,13 +49,14 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         record = model.load_record()
         schedule = NoiseSchedule.from_scheduler(model.load_scheduler())
         train, _ = load_image_dataset(paths.dataset("train_images"))
+        train_x = kit.inputs("train", train)
         queries, _ = load_arrays(paths.dataset("query_set"), "query set (materialize query_set first)")
         n_gen = int((queries["kind"] == "generated").sum())
         recipes = feature_recipes(name, method, model.n_checkpoints())
         rows, digests, table = {}, [], []
         for recipe in recipes:
             unet = model.load_unet(checkpoint=recipe.checkpoint)
-            x, ids, t, labels = recipe_inputs(recipe, train, queries, record, n_gen)
+            x, ids, t, labels = recipe_inputs(recipe, train_x, train.labels, queries, record, n_gen)
             cond = kit.conditioning(labels)
             data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
             feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim,
@@ -106,22 +107,24 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
     return features
 
 
-def recipe_inputs(recipe, train, queries: dict, record: dict, n_gen: int, query_ids=None):
-    """(x, ids, t, labels) a recipe featurizes: training images (with their recorded timesteps for TracIn), the
+def recipe_inputs(recipe, train_x, train_labels, queries: dict, record: dict, n_gen: int, query_ids=None):
+    """(x, ids, t, labels) a recipe featurizes: the training inputs (with their recorded timesteps for TracIn), the
     queries, or the queries' Journey-TRAK trajectory points; labels condition a conditional model. Query ids are
     negative (default -1, -2, ...) so their noise streams never coincide with a training sample's."""
     import numpy as np
 
     from attribution.methods import journey_query_inputs
 
+    from .modeling import query_inputs
+
     if recipe.role == "train":
         t = record["last_timesteps"][recipe.checkpoint] if recipe.timesteps == "recorded" else None
-        return train.images, np.arange(len(train.images)), t, train.labels
-    ids = query_ids if query_ids is not None else -1 - np.arange(len(queries["images"]))
-    labels = queries["label"] if "label" in queries else np.zeros(len(queries["images"]), np.int64)
+        return train_x, np.arange(len(train_x)), t, train_labels
+    x_q = query_inputs(queries)
+    ids = query_ids if query_ids is not None else -1 - np.arange(len(x_q))
+    labels = queries["label"] if "label" in queries else np.zeros(len(x_q), np.int64)
     if recipe.timesteps == "trajectory":
-        x, t, steps = journey_query_inputs(queries["trajectory_x0"], queries["trajectory_timesteps"],
-                                           queries["images"], n_gen)
+        x, t, steps = journey_query_inputs(queries["trajectory_x0"], queries["trajectory_timesteps"], x_q, n_gen)
         return (x, (-1 - np.arange(len(x)) if query_ids is None else np.repeat(ids, steps)), t,
                 np.repeat(labels, steps))
-    return queries["images"], ids, None, labels
+    return x_q, ids, None, labels

@@ -113,7 +113,7 @@ def fresh_query_features(exp: Experiment, paths, name: str, method, queries: dic
     out = {}
     for recipe in feature_recipes(name, method, model.n_checkpoints())[1::2]:
         unet = model.load_unet(checkpoint=recipe.checkpoint)
-        x, ids, t, _ = recipe_inputs(recipe, None, queries, {}, n_gen=0, query_ids=query_ids)
+        x, ids, t, _ = recipe_inputs(recipe, None, None, queries, {}, n_gen=0, query_ids=query_ids)
         feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim, proj_seed=a.proj_seed,
                           noise_seed=a.noise_seed)
         rows = np.concatenate([feat.rows(x[b:b + a.batch_size], ids[b:b + a.batch_size],

@@ -20,6 +20,11 @@ def explained_model(exp: Experiment) -> str:
     return "lora_model" if exp.lora.enabled else "base_model"
 
 
+def query_inputs(queries: dict) -> np.ndarray:
+    """What the model sees of the query set: its latents for a Stable Diffusion base, else its images."""
+    return queries["inputs"] if "inputs" in queries else queries["images"]
+
+
 def training_inputs(exp: Experiment) -> list[str]:
     """The assets an asset that trains models reads: the training set, and the base model of a LoRA family."""
     return ["training_set", "base_model"] if exp.lora.enabled else ["training_set"]
@@ -38,7 +43,49 @@ class ModelKit:
     def __init__(self, exp: Experiment, paths, device: str = "cpu"):
         self.exp, self.paths, self.device = exp, paths, device
         self.lora = exp.lora.enabled
-        self._table = None
+        self.latent = self.lora and exp.lora.base_pipeline is not None  # models live in a Stable Diffusion VAE's space
+        self._table = self._vae = None
+
+    # ------------------------------------------------------------------------------------------ model space
+    def vae(self):
+        if self._vae is None:
+            from attribution.lora import load_vae
+
+            self._vae = load_vae(self.exp.lora.base_pipeline)
+        return self._vae
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Images -> model inputs: VAE latents (distribution means) for a Stable Diffusion base, else the images."""
+        if not self.latent:
+            return images
+        from attribution.lora import encode_images_to_latents
+
+        return encode_images_to_latents(self.vae(), images)
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """Model outputs -> images in [-1, 1] (pictures, image metrics)."""
+        if not self.latent:
+            return x
+        from attribution.lora import decode_latents
+
+        return decode_latents(self.vae(), x)
+
+    def inputs(self, split: str, data) -> np.ndarray:
+        """The model inputs of a stored split (`data` is its ImageDataset): the latents training_set cached for a
+        Stable Diffusion base, else the images."""
+        if not self.latent:
+            return data.images
+        from storage.artefacts import load_arrays
+
+        return load_arrays(self.paths.dataset(f"{split}_latents"), f"{split} latents (materialize training_set)")[0][
+            "latents"]
+
+    def input_shape(self, image_shape) -> tuple:
+        if not self.latent:
+            return tuple(image_shape)
+        vae = self.vae()
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        return (int(vae.config.latent_channels), image_shape[1] // f, image_shape[2] // f)
 
     # ------------------------------------------------------------------------------------------ conditioning
     def conditioning(self, labels) -> np.ndarray | None:
@@ -124,8 +171,10 @@ class ModelKit:
 
         return prune_unet(unet, ratio).to_dict()
 
-    def sample(self, unet, seeds, labels, shape, steps: int, record_trajectory: bool = False):
+    def sample(self, unet, seeds, labels, image_shape, steps: int, record_trajectory: bool = False):
+        """DDIM samples in model space (latents for a Stable Diffusion base: decode() them for pictures)."""
         from attribution.sampling import ddim_sample
 
-        return ddim_sample(unet, self.scheduler().config, seeds, shape, steps=steps, device=self.device,
-                           record_trajectory=record_trajectory, encoder_hidden_states=self.conditioning(labels))
+        return ddim_sample(unet, self.scheduler().config, seeds, self.input_shape(image_shape), steps=steps,
+                           device=self.device, record_trajectory=record_trajectory,
+                           encoder_hidden_states=self.conditioning(labels), clip=not self.latent)

@@ -46,7 +46,7 @@ def _trained_model(exp: Experiment, name: str) -> dg.AssetsDefinition:
         kit = ModelKit(exp, storage.paths(exp.name), device)
         train, _ = load_image_dataset(kit.paths.dataset("train_images"))
         context.log.info(f"training on {len(train)} images of shape {train.shape} for {t.steps} steps ({device})")
-        result = kit.train(train.images, train.labels, t,
+        result = kit.train(kit.inputs("train", train), train.labels, t,
                            progress=lambda s, loss: context.log.info(f"step {s}/{t.steps}: loss {loss:.4f}"))
         return _store_trained(context, storage, kit, name, result, train, t)
 
@@ -132,8 +132,8 @@ def _store_trained(context, storage, kit: ModelKit, name: str, result, data, spe
         digest=digest, run_id=context.run.run_id, created_at=now())],
         {"experiment": exp.name, "model": name, "partition_key": None})
     labels = generation_labels(exp, data.labels, 32)
-    samples = kit.sample(result.unet, image_seeds(PREVIEW_SEED, 32), labels, data.shape,
-                         steps=exp.queries.sampling_steps)
+    samples = kit.decode(kit.sample(result.unet, image_seeds(PREVIEW_SEED, 32), labels, data.shape,
+                                    steps=exp.queries.sampling_steps).images)
     return finish(context, storage, exp, digest, {
         "parameters": n_params,
         "steps": spec.steps,
@@ -143,7 +143,7 @@ def _store_trained(context, storage, kit: ModelKit, name: str, result, data, spe
                                               "lrs": [float(x) for x in result.checkpoint_lrs]}),
         "loss_curve": png_markdown(line_chart(result.loss_curve, "training loss", "step", "DDPM loss",
                                               smooth=max(1, spec.steps // 50)), "loss curve"),
-        "samples": png_markdown(image_grid([samples.images[:16], samples.images[16:]], scale=3),
+        "samples": png_markdown(image_grid([samples[:16], samples[16:]], scale=3),
                                 "generated samples"),
         "digest": digest,
         "path": kit.paths.model(name),

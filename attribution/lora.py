@@ -269,10 +269,27 @@ class SDComponents:
 def load_sd_components(path) -> SDComponents:
     """The parts of a locally stored diffusers Stable Diffusion pipeline directory (`save_pretrained` layout), read
     with local_files_only: nothing is downloaded."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
+    _check_sd_dir(path)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    if unet.config.addition_embed_type is not None:
+        raise NotImplementedError(f"{path}: UNet with addition_embed_type={unet.config.addition_embed_type!r} "
+                                  "(SDXL-style extra conditioning) is not supported")
+    use_classic_attention(unet)
+    vae = load_vae(path)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    text_encoder.eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    config = {k: v for k, v in json.loads((path / "scheduler" / "scheduler_config.json").read_text()).items()
+              if not k.startswith("_")}
+    return SDComponents(unet=unet.eval(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        scheduler_config=config)
+
+
+def _check_sd_dir(path: Path) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"Stable Diffusion pipeline directory {path} does not exist")
     if not (path / "model_index.json").is_file():
@@ -282,21 +299,8 @@ def load_sd_components(path) -> SDComponents:
     if missing:
         raise ValueError(f"{path} is not a Stable Diffusion pipeline: missing subfolder(s) {missing} "
                          f"(expected {list(SD_SUBFOLDERS)})")
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if not sched_file.is_file():
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
         raise ValueError(f"{path}: missing scheduler/scheduler_config.json")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-    if unet.config.addition_embed_type is not None:
-        raise NotImplementedError(f"{path}: UNet with addition_embed_type={unet.config.addition_embed_type!r} "
-                                  "(SDXL-style extra conditioning) is not supported")
-    use_classic_attention(unet)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-    text_encoder.eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    config = {k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")}
-    return SDComponents(unet=unet.eval(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        scheduler_config=config)
 
 
 def encode_images_to_latents(vae, images, batch_size: int = 16) -> np.ndarray:
@@ -318,6 +322,28 @@ def encode_images_to_latents(vae, images, batch_size: int = 16) -> np.ndarray:
             mean = vae.encode(x[s:s + batch_size].to(device, dtype)).latent_dist.mean
             out.append(((mean - shift) * scale).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0,), np.float32)
+
+
+def decode_latents(vae, latents, batch_size: int = 16) -> np.ndarray:
+    """The inverse of encode_images_to_latents: (n, c, h, w) latents -> (n, 3, H, W) images clipped to [-1, 1]."""
+    z = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(z), batch_size):
+            x = vae.decode((z[s:s + batch_size] / scale + shift).to(device, dtype)).sample
+            out.append(x.clamp(-1, 1).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0,), np.float32)
+
+
+def load_vae(path):
+    """The frozen VAE of a local Stable Diffusion pipeline directory (checked like load_sd_components)."""
+    from diffusers import AutoencoderKL
+
+    _check_sd_dir(Path(path))
+    return AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True).eval().requires_grad_(False)
 
 
 def encode_prompts(text_encoder, tokenizer, prompts, batch_size: int = 32) -> np.ndarray:

@@ -28,8 +28,10 @@ def image_seeds(seed: int, count: int, offset: int = 0) -> np.ndarray:
 
 
 def ddim_sample(unet, scheduler_config: dict, seeds, shape, steps: int = 50, batch_size: int = 64,
-                record_trajectory: bool = False, device: str = "cpu", encoder_hidden_states=None) -> Samples:
-    """eta=0 DDIM: deterministic given the initial noise; the result is clipped to [-1, 1].
+                record_trajectory: bool = False, device: str = "cpu", encoder_hidden_states=None,
+                clip: bool = True) -> Samples:
+    """eta=0 DDIM: deterministic given the initial noise; the result is clipped to [-1, 1] (pixels; clip=False
+    for latents).
 
     `encoder_hidden_states` (m, tokens, dim), one row per seed, conditions a UNet2DConditionModel."""
     import torch
@@ -53,8 +55,8 @@ def ddim_sample(unet, scheduler_config: dict, seeds, shape, steps: int = 50, bat
                 step = ddim.step(eps, t, x, eta=0.0)
                 x = step.prev_sample
                 if record_trajectory:
-                    x0s.append(step.pred_original_sample.clamp(-1, 1).cpu())
-            out.append(x.clamp(-1, 1).cpu())
+                    x0s.append((step.pred_original_sample.clamp(-1, 1) if clip else step.pred_original_sample).cpu())
+            out.append((x.clamp(-1, 1) if clip else x).cpu())
             if record_trajectory:
                 traj.append(torch.stack(x0s, dim=1))
     images = torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, *shape), np.float32)

@@ -177,3 +177,70 @@ def test_null_model_is_the_base_with_a_zero_adapter(run):
     with torch.no_grad():
         torch.testing.assert_close(null(x, t, encoder_hidden_states=cond).sample,
                                    base(x, t, encoder_hidden_states=cond).sample)
+
+
+# ---------------------------------------------------------------------------------------------------- Stable Diffusion
+STYLES = ["hokusai", "monet", "vangogh"]
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
+    """A user's path: their own RGB images in class folders and a local SD pipeline directory named in the YAML."""
+    from PIL import Image
+
+    from tests.sd_pipeline import write_tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("user")
+    rng = np.random.default_rng(0)
+    for k, style in enumerate(STYLES):
+        (root / "images" / style).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(rng.normal(60 + 70 * k, 40, size=(8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / style / f"{i}.png")
+    sd = write_tiny_sd_pipeline(root / "pipeline")
+    d = tiny_experiment_dict("tiny_sd")
+    d["data"] = {"source": "image_folder", "path": str(root / "images"), "train_size": 24}
+    d["lora"] = {"base_pipeline": str(sd), "rank": 2, "prompt": "a painting by {label}"}
+    d["training"].update(steps=12, checkpoints=2)
+    d["queries"]["n_heldout"] = 2
+    d["attribution"]["methods"] = {"dtrak": {"kind": "trak", "output": "square", "K": 2},
+                                   "tracin": {"kind": "tracin", "K": 2}}
+    d["lds"] = {"enabled": False}
+    d["counterfactual"] = {"enabled": False, "encoder_steps": 5}
+    d["operations"] = {"inbox": False}
+    exp = parse_experiment(d)
+    with materialized(exp, tmp_path_factory) as (storage, instance, results):
+        yield exp, storage, sd
+
+
+def test_stable_diffusion_directory_as_base_trains_lora_in_latent_space(sd_run):
+    from attribution.lora import base_weights_digest, encode_images_to_latents, load_sd_components
+    from attribution.runtime import state_dict_digest
+    from storage.artefacts import load_arrays
+    from storage.datasets import load_image_dataset
+    from storage.features import FeatureStore
+    from storage.models import StoredModel
+    from storage.scores import load_scores
+
+    exp, storage, sd = sd_run
+    paths = storage.paths(exp.name)
+    parts = load_sd_components(sd)
+    base, lora = StoredModel(paths.model("base_model")), StoredModel(paths.model("lora_model"))
+    assert base.digest == state_dict_digest(parts.unet.state_dict())  # the user's UNet, untouched
+    unet = lora.load_unet()
+    assert base_weights_digest(unet) == base.digest
+    assert any((p != 0).any() for n, p in unet.named_parameters() if ".lora_B." in n)  # the adapter trained
+    # training inputs are the VAE latents of the user's images; prompts come from the pipeline's text encoder
+    train, _ = load_image_dataset(paths.dataset("train_images"))
+    latents = load_arrays(paths.dataset("train_latents"))[0]["latents"]
+    np.testing.assert_allclose(latents, encode_images_to_latents(parts.vae, train.images), rtol=1e-5, atol=1e-6)
+    table = load_arrays(paths.dataset("conditioning"))[0]["table"]
+    assert table.shape == (3, 8, 8)
+    queries = load_arrays(paths.dataset("query_set"))[0]
+    assert queries["images"].shape == (5, 3, 8, 8) and queries["inputs"].shape == (5, 4, 4, 4)
+    assert np.abs(queries["images"]).max() <= 1
+    store = FeatureStore.open(paths.features("dtrak_train"))
+    assert store.spec["num_params"] == lora_count(unet) and store.read().shape == (24, 32)
+    for method in ("dtrak", "tracin"):
+        scores = load_scores(paths.scores(method))[0]["scores"]
+        assert scores.shape == (5, 24) and np.isfinite(scores).all()

@@ -74,3 +74,22 @@ def test_shapley_section_rules():
                        ({"groups": groups, "n_coalitions": 22, "aggregate": ["nope"]}, "not in attribution.methods")):
         with pytest.raises(ExperimentError, match=match):
             parse_experiment({**base, "shapley": bad})
+
+
+def test_lora_section_rules():
+    base = {"name": "x", "operations": {"inbox": False}}
+    ok = parse_experiment({**base, "lora": {"pretrain_groups": ["0"]}})
+    assert ok.lora.enabled and ok.lora.rank == 4 and not parse_experiment({"name": "x"}).lora.enabled
+    cases = [
+        ({"lora": {}}, "lora needs a base"),
+        ({"lora": {"pretrain_groups": ["0"], "base_pipeline": "/sd"}}, "drop one of them"),
+        ({"lora": {"pretrain_groups": ["0"], "prompt": "a painting"}}, r"must contain \{label\}"),
+        ({"lora": {"pretrain_groups": ["0"], "rank": 0}}, "lora.rank"),
+        ({"lora": {"base_pipeline": "/sd"}}, "lds, counterfactual and shapley enabled: false"),
+        ({"lora": {"pretrain_groups": ["0"]}, "operations": {"inbox": True}}, "inbox images carry no class label"),
+        ({"lora": {"pretrain_groups": ["0", "1"]}, "shapley": {"groups": ["1", "2", "3"], "n_coalitions": 8}},
+         r"shapley.groups \['1'\] are lora.pretrain_groups"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ExperimentError, match=message):
+            parse_experiment({**base, **extra})
