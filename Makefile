@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Runs launched from the UI (e.g. a backfill of hundreds of subset models) queue two at a time: one per core.
-$(DAGSTER_HOME)/dagster.yaml: Makefile
+# Run queue and concurrency pools: see deploy/dagster.yaml.
+$(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\nnux:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 2\n' > $@
+	cp deploy/dagster.yaml $@
 
 run: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pipelines.run $(EXPERIMENT)

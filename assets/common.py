@@ -10,6 +10,13 @@ from attribution.experiment import Experiment
 
 DATA_VERSION_TAG = "dagster/data_version"
 
+# Dagster concurrency pools, limited by the instance across all runs (dagster.yaml `concurrency: pools:
+# default_limit`, or per pool: `dagster instance concurrency set diffattr_accelerator 1` on a one-GPU machine):
+# steps that train, sample or differentiate models, and steps whose output is mainly warehouse tables. Every other
+# warehouse write is a short transaction serialized by storage.warehouse's file lock.
+ACCELERATOR_POOL = "diffattr_accelerator"
+WAREHOUSE_POOL = "diffattr_warehouse"
+
 
 def key(exp: Experiment, name: str) -> dg.AssetKey:
     return dg.AssetKey([exp.name, name])

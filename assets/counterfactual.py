@@ -5,7 +5,7 @@ import dagster as dg
 from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
-from .common import code_version, finish, key, png_markdown, setup_torch
+from .common import ACCELERATOR_POOL, WAREHOUSE_POOL, code_version, finish, key, png_markdown, setup_torch
 from .modeling import ModelKit, training_inputs
 
 RANDOM = "random"
@@ -22,6 +22,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "image_encoder"),
         group_name="models",
         kinds={"pytorch"},
+        pool=ACCELERATOR_POOL,
         deps=[key(exp, "training_set")],
         code_version=code_version("1", exp, "data", "counterfactual"),
         description="In-domain image encoder: a small CNN classifier trained on the training labels. Its "
@@ -54,6 +55,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "counterfactual_models"),
         group_name="models",
         kinds={"pytorch", "diffusers"},
+        pool=ACCELERATOR_POOL,
         partitions_def=partitions,
         deps=[*[key(exp, n) for n in training_inputs(exp)], key(exp, "query_set"),
               *[key(exp, f"scores_{m}") for m in cf.methods]],
@@ -99,6 +101,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "counterfactual"),
         group_name="evaluation",
         kinds={"numpy", "duckdb"},
+        pool=WAREHOUSE_POOL,
         deps=[key(exp, "counterfactual_models"), key(exp, "image_encoder"), key(exp, "query_set")],
         code_version=code_version("1", exp, "counterfactual"),
         description="How far each generated query moved when its top proponents (or random images) were removed: "

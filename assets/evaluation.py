@@ -5,7 +5,7 @@ import dagster as dg
 from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
-from .common import code_version, finish, key, png_markdown, setup_torch
+from .common import ACCELERATOR_POOL, WAREHOUSE_POOL, code_version, finish, key, png_markdown, setup_torch
 from .modeling import ModelKit, explained_model, query_inputs, training_inputs
 
 DATA, MODELS, EVAL = "data", "models", "evaluation"
@@ -63,6 +63,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "subset_models"),
         group_name=MODELS,
         kinds={"pytorch", "diffusers"},
+        pool=ACCELERATOR_POOL,
         partitions_def=subset_partitions(exp),
         deps=[key(exp, "lds_subsets"), *[key(exp, n) for n in training_inputs(exp)]],
         code_version=code_version("1", exp, "model", "training", "lds", "lora"),
@@ -103,6 +104,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "model_outputs"),
         group_name=EVAL,
         kinds={"pytorch", "zarr", "duckdb"},
+        pool=ACCELERATOR_POOL,
         deps=[key(exp, "subset_models"), key(exp, "query_set"), key(exp, "lds_subsets")],
         code_version=code_version("1", exp, "lds"),
         description=f"Each query's DDPM loss under every subset model, averaged over {lds.output_timesteps} "
@@ -159,6 +161,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "lds"),
         group_name=EVAL,
         kinds={"numpy", "duckdb"},
+        pool=WAREHOUSE_POOL,
         deps=[key(exp, "model_outputs"), key(exp, "lds_subsets"), *method_scores],
         code_version=code_version("1", exp, "lds", "attribution"),
         description="Linear datamodeling score of every method on the test subsets (Spearman of predicted vs "

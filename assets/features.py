@@ -5,7 +5,7 @@ import dagster as dg
 from attribution.experiment import Experiment, MethodSpec
 from storage.resources import StorageResource
 
-from .common import code_version, finish, key, setup_torch
+from .common import ACCELERATOR_POOL, code_version, finish, key, setup_torch
 from .modeling import ModelKit, explained_model
 
 GROUP = "features"
@@ -23,6 +23,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         key=key(exp, f"features_{name}"),
         group_name=GROUP,
         kinds={"pytorch", "zarr"},
+        pool=ACCELERATOR_POOL,
         deps=[key(exp, explained_model(exp)), key(exp, "training_set"), key(exp, "query_set")],
         code_version=code_version("1", exp, "attribution"),
         description=f"Projected per-sample gradient features for '{name}' ({method.kind}, output {method.output}, "

@@ -10,7 +10,7 @@ import dagster as dg
 from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
-from .common import code_version, finish, key, png_markdown, setup_torch
+from .common import ACCELERATOR_POOL, WAREHOUSE_POOL, code_version, finish, key, png_markdown, setup_torch
 from .modeling import ModelKit, explained_model, generation_labels, training_inputs
 
 SFT = "sparsified_finetune"
@@ -170,6 +170,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "null_model"),
         group_name="models",
         kinds={"pytorch", "diffusers"},
+        pool=ACCELERATOR_POOL,
         deps=scored,
         code_version=code_version("1", exp, "model", "training", "shapley", "lora"),
         description="The empty coalition, v(empty): " + ("the base model with the training seed's fresh LoRA "
@@ -193,6 +194,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "full_model"),
         group_name="models",
         kinds={"pytorch"},
+        pool=ACCELERATOR_POOL,
         deps=[key(exp, explained_model(exp)), *scored],
         code_version=code_version("1", exp, "shapley"),
         description="The full coalition under retraining: the base model (the same recipe on every group), scored "
@@ -235,6 +237,7 @@ def _pruned_model(exp: Experiment, scored: list) -> dg.AssetsDefinition:
         key=key(exp, "pruned_model"),
         group_name="models",
         kinds={"pytorch", "diffusers"},
+        pool=ACCELERATOR_POOL,
         deps=[key(exp, explained_model(exp)), *scored],
         code_version=code_version("1", exp, "shapley"),
         description=f"sFT's starting point: the {explained_model(exp)} with {sh.prune_ratio:.0%} of its {what} "
@@ -285,6 +288,7 @@ def _coalition_models(exp: Experiment, plan, scored: list) -> dg.AssetsDefinitio
         key=key(exp, "coalition_models"),
         group_name="models",
         kinds={"pytorch", "diffusers"},
+        pool=ACCELERATOR_POOL,
         partitions_def=dg.StaticPartitionsDefinition(keys),
         deps=deps,
         code_version=code_version("1", exp, "model", "training", "shapley", "lora"),
@@ -332,6 +336,7 @@ def _group_values(exp: Experiment, plan, empty: str, full: str) -> dg.AssetsDefi
         key=key(exp, "group_values"),
         group_name="attribution",
         kinds={"numpy", "duckdb"},
+        pool=WAREHOUSE_POOL,
         deps=[key(exp, "coalition_models"), key(exp, "null_model"), key(exp, "full_model"),
               *[key(exp, f"scores_{a}") for a in sh.aggregate]],
         code_version=code_version("1", exp, "shapley"),
@@ -455,6 +460,7 @@ def _group_lds(exp: Experiment, plan) -> dg.AssetsDefinition:
         key=key(exp, "group_lds"),
         group_name="evaluation",
         kinds={"numpy", "duckdb"},
+        pool=WAREHOUSE_POOL,
         deps=[key(exp, "group_values"), key(exp, "coalition_models")],
         code_version=code_version("1", exp, "shapley"),
         description=f"Group LDS of every estimator: Spearman between the sum of its group values over each of "
@@ -516,6 +522,7 @@ def _group_counterfactual(exp: Experiment, full: str, scored: list) -> list[dg.A
         key=key(exp, "group_counterfactual_models"),
         group_name="models",
         kinds={"pytorch", "diffusers"},
+        pool=ACCELERATOR_POOL,
         partitions_def=dg.StaticPartitionsDefinition(keys),
         deps=[key(exp, "group_values"), key(exp, "contributor_groups"), *scored],
         code_version=code_version("1", exp, "model", "training", "shapley", "lora"),
@@ -557,6 +564,7 @@ def _group_counterfactual(exp: Experiment, full: str, scored: list) -> list[dg.A
         key=key(exp, "group_counterfactual"),
         group_name="evaluation",
         kinds={"numpy", "duckdb"},
+        pool=WAREHOUSE_POOL,
         deps=[key(exp, "group_counterfactual_models"), key(exp, "full_model")],
         code_version=code_version("1", exp, "shapley"),
         description="Change of every property when the top or the bottom groups are removed and the model "

@@ -7,7 +7,7 @@ import dagster as dg
 from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
-from .common import code_version, finish, key, png_markdown, setup_torch
+from .common import ACCELERATOR_POOL, code_version, finish, key, png_markdown, setup_torch
 from .modeling import explained_model
 
 GRID_PROPONENTS = 8
@@ -30,6 +30,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         key=key(exp, "inbox_attributions"),
         group_name="attribution",
         kinds={"pytorch", "duckdb"},
+        pool=ACCELERATOR_POOL,
         partitions_def=inbox_partitions(exp),
         deps=deps,
         code_version=code_version("1", exp, "attribution"),

@@ -8,7 +8,7 @@ from attribution.runtime import stable_seed
 from storage.models import save_model
 from storage.resources import StorageResource
 
-from .common import code_version, finish, key, png_markdown, setup_torch
+from .common import ACCELERATOR_POOL, code_version, finish, key, png_markdown, setup_torch
 from .modeling import CONDITIONING, ModelKit, generation_labels
 
 GROUP = "models"
@@ -33,6 +33,7 @@ def _trained_model(exp: Experiment, name: str) -> dg.AssetsDefinition:
         key=key(exp, name),
         group_name=GROUP,
         kinds={"pytorch", "diffusers"} | ({"peft"} if lora else set()),
+        pool=ACCELERATOR_POOL,
         deps=deps,
         code_version=code_version("1", exp, "data", "model", "training", "lora"),
         description=f"{what} on the training set ({t.steps} steps, batch {t.batch_size}, AdamW, "
@@ -66,6 +67,7 @@ def _conditional_base(exp: Experiment) -> dg.AssetsDefinition:
         key=key(exp, "base_model"),
         group_name=GROUP,
         kinds={"pytorch", "diffusers"},
+        pool=ACCELERATOR_POOL,
         deps=[key(exp, "training_set")],
         code_version=code_version("1", exp, "data", "model", "lora"),
         description=f"The base model the LoRA adapters are trained on: {described}.",

@@ -5,7 +5,7 @@ import dagster as dg
 from attribution.experiment import Experiment, MethodSpec
 from storage.resources import StorageResource
 
-from .common import code_version, finish, key, png_markdown
+from .common import WAREHOUSE_POOL, code_version, finish, key, png_markdown
 from .modeling import explained_model
 
 GROUP = "attribution"
@@ -28,6 +28,7 @@ def _score_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsDef
         key=key(exp, f"scores_{name}"),
         group_name=GROUP,
         kinds={"numpy", "zarr", "duckdb"},
+        pool=WAREHOUSE_POOL,
         deps=deps,
         code_version=code_version("1", exp, "attribution"),
         description=f"Attribution scores of '{name}' ({method.kind}"

@@ -8,6 +8,7 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from assets.common import ACCELERATOR_POOL, WAREHOUSE_POOL
 from attribution.experiment import ExperimentError, parse_experiment
 from pipelines.definitions import build_definitions
 from pipelines.experiments import load_experiments
@@ -72,9 +73,13 @@ def test_duplicate_experiment_names_are_refused(tmp_path):
 
 def test_tiny_experiment_materializes_data_model_queries(tiny_experiment, storage):
     exp = tiny_experiment
-    with dg.instance_for_test() as instance:
+    # one slot per concurrency pool: the two worker processes' partition runs queue for the accelerator
+    with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
         results = materialize_experiment(exp, storage, instance, workers=2)  # partitions in 2 spawned processes
         assert all(r.success for r in results)
+        for pool in (ACCELERATOR_POOL, WAREHOUSE_POOL):  # every slot was given back
+            info = instance.event_log_storage.get_concurrency_info(pool)
+            assert info.limit == 1 and info.claimed_slots == [] and info.pending_steps == []
         evaluations = [c for r in results for c in r.get_asset_check_evaluations()]
         assert {c.check_name for c in evaluations} >= {"stores_complete_and_finite", "score_matrix_finite_and_shaped",
                                                         "top_attributions_row_count", "lds_rows_valid"}
@@ -168,3 +173,18 @@ def test_run_cli_rejects_a_bad_experiment_with_its_key(tmp_path, capsys):
     assert main([str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "key 'lds'" in err and "fewer than 3" in err
+
+
+def test_pools_follow_what_each_step_does_and_the_instance_config_limits_them(tmp_path):
+    """Model steps (kind pytorch) share the accelerator pool, table-writing steps the warehouse pool; the shipped
+    instance config limits every pool."""
+    import shutil
+
+    for exp in load_experiments():
+        for a in build_definitions([exp]).assets:
+            kinds = {k for spec in a.specs for k in spec.kinds}
+            expected = ACCELERATOR_POOL if "pytorch" in kinds else WAREHOUSE_POOL if "duckdb" in kinds else None
+            assert a.op.pool == expected, (exp.name, a.key, kinds, a.op.pool)
+    shutil.copy(ROOT / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
+    config = dg.DagsterInstance.from_config(str(tmp_path)).get_concurrency_config()
+    assert config.pool_config.default_pool_limit == 2 and config.run_queue_config.max_concurrent_runs == 2
