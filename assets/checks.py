@@ -11,6 +11,7 @@ from attribution.experiment import Experiment, MethodSpec
 from storage.resources import StorageResource
 
 from .common import key
+from .modeling import explained_model
 from .features import SIMILARITY_KINDS
 
 LDS_TOLERANCE = 1e-9  # float slack for ci_low <= value <= ci_high
@@ -76,7 +77,8 @@ def _features_check(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetC
         from storage.models import StoredModel
 
         paths = storage.paths(exp.name)
-        n_ckpt = StoredModel(paths.model("base_model")).n_checkpoints() if method.kind in ("tracin", "retrac") else 0
+        n_ckpt = (StoredModel(paths.model(explained_model(exp))).n_checkpoints() if method.kind in ("tracin", "retrac")
+                  else 0)
         stores, problems = {}, []
         for recipe in feature_recipes(name, method, n_ckpt):
             try:

@@ -56,6 +56,11 @@ def test_base_is_pretrained_on_its_groups_only_and_the_adapter_on_the_rest(run):
     assert set(pretrain.groups) == set(PRETRAIN) and set(train.groups) == set(GROUPS) and len(train) == 100
     events = materialization_events(results)
     assert {"tiny_lora/base_model", "tiny_lora/lora_model", "tiny_lora/lds", "tiny_lora/group_lds"} <= set(events)
+    checks = [c for r in results for c in r.get_asset_check_evaluations()]
+    assert checks and all(c.passed for c in checks)
+    stores = storage.warehouse().query("SELECT store, checkpoint FROM diffattr.feature_stores WHERE experiment = ? "
+                                       "AND method = 'retrac' AND role = 'train'", [exp.name])
+    assert sorted(stores.checkpoint) == [0, 1, 2]  # one per adapter checkpoint (the base saved only 1)
 
 
 def test_adapter_is_stored_in_peft_format_with_its_base_and_loads_onto_it(run):
