@@ -13,14 +13,23 @@ KERNEL_SCORERS = ("kernel", "relative_if", "renormalized_if")
 
 
 def subset_partitions(exp: Experiment) -> dg.MultiPartitionsDefinition:
+    """(subsets, seed): one subset, or lds.models_per_process consecutive subsets trained together."""
+    n, m = exp.lds.n_subsets, exp.lds.models_per_process
+    blocks = [subset_key(i) if m == 1 else f"{subset_key(i)}-{subset_key(min(i + m, n) - 1)}" for i in range(0, n, m)]
     return dg.MultiPartitionsDefinition({
-        "subset": dg.StaticPartitionsDefinition([subset_key(i) for i in range(exp.lds.n_subsets)]),
+        "subset": dg.StaticPartitionsDefinition(blocks),
         "seed": dg.StaticPartitionsDefinition([str(s) for s in exp.lds.seeds]),
     })
 
 
 def subset_key(i: int) -> str:
     return f"s{i:03d}"
+
+
+def subsets_of(key: str) -> list[int]:
+    """'s003' -> [3]; 's000-s007' -> [0, ..., 7]."""
+    first, _, last = key.partition("-")
+    return list(range(int(first[1:]), int((last or first)[1:]) + 1))
 
 
 def subset_model_name(subset: int, seed: int) -> str:
@@ -71,6 +80,10 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
                     "same initialisation and random streams for every subset (common random numbers).",
     )
     def subset_models(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        import hashlib
+
+        import numpy as np
+
         from attribution.models import count_parameters
         from storage.artefacts import load_arrays
         from storage.datasets import load_image_dataset
@@ -78,27 +91,33 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
 
         device = setup_torch(exp)
         dims = context.partition_key.keys_by_dimension
-        subset, seed = int(dims["subset"][1:]), int(dims["seed"])
+        subsets, seed = subsets_of(dims["subset"]), int(dims["seed"])
         kit = ModelKit(exp, storage.paths(exp.name), device)
         paths = kit.paths
         train, _ = load_image_dataset(paths.dataset("train_images"))
         masks = load_arrays(paths.dataset("lds_subsets"), "LDS subsets (materialize lds_subsets)")[0]["masks"]
-        images = train.images[masks[subset]]
-        context.log.info(f"subset {subset} ({len(images)} images), seed {seed}: {exp.training.steps} steps")
-        result = kit.train(images, train.labels[masks[subset]], seed=seed)
-        name = subset_model_name(subset, seed)
-        digest = kit.save(name, result.unet, meta={"subset": subset, "seed": seed,
-                                                   "wall_seconds": result.wall_seconds})
-        final_loss = float(result.loss_curve[-min(100, len(result.loss_curve)):].mean())
-        storage.warehouse().replace_rows("training_runs", [dict(
-            experiment=exp.name, model="subset_model", partition_key=context.partition_key, n_train=len(images),
-            steps=exp.training.steps, batch_size=exp.training.batch_size, parameters=count_parameters(result.unet),
-            final_loss=final_loss, wall_seconds=result.wall_seconds, digest=digest, run_id=context.run.run_id,
-            created_at=now())], {"experiment": exp.name, "model": "subset_model",
-                                 "partition_key": context.partition_key})
-        return finish(context, storage, exp, digest, {"subset": subset, "seed": seed, "n_train": len(images),
-                                                      "final_loss": final_loss,
-                                                      "wall_seconds": round(result.wall_seconds, 1)})
+        context.log.info(f"subsets {subsets} ({int(masks[subsets[0]].sum())} images each), seed {seed}: "
+                         f"{exp.training.steps} steps, {len(subsets)} model(s) side by side")
+        results = kit.train_many([train.images[masks[i]] for i in subsets], [train.labels[masks[i]] for i in subsets],
+                                 [seed] * len(subsets))
+        digests, losses = [], []
+        for subset, result in zip(subsets, results):
+            digest = kit.save(subset_model_name(subset, seed), result.unet,
+                              meta={"subset": subset, "seed": seed, "wall_seconds": result.wall_seconds})
+            final_loss = float(result.loss_curve[-min(100, len(result.loss_curve)):].mean())
+            model_key = str(dg.MultiPartitionKey({"subset": subset_key(subset), "seed": str(seed)}))
+            storage.warehouse().replace_rows("training_runs", [dict(
+                experiment=exp.name, model="subset_model", partition_key=model_key, n_train=int(masks[subset].sum()),
+                steps=exp.training.steps, batch_size=exp.training.batch_size,
+                parameters=count_parameters(result.unet), final_loss=final_loss, wall_seconds=result.wall_seconds,
+                digest=digest, run_id=context.run.run_id, created_at=now())],
+                {"experiment": exp.name, "model": "subset_model", "partition_key": model_key})
+            digests.append(digest)
+            losses.append(final_loss)
+        version = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+        return finish(context, storage, exp, version, {
+            "subsets": str(subsets), "seed": seed, "n_train": int(masks[subsets[0]].sum()),
+            "final_loss": float(np.mean(losses)), "wall_seconds": round(sum(r.wall_seconds for r in results), 1)})
 
     @dg.asset(
         key=key(exp, "model_outputs"),

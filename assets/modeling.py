@@ -144,6 +144,16 @@ class ModelKit:
                           conditioning=self.conditioning(labels), scheduler_config=scheduler_config,
                           progress=progress)
 
+    def train_many(self, image_sets, label_sets, seeds) -> list:
+        """One model per (images, labels, seed) with the experiment's recipe: side by side in this process
+        (attribution.batched_training) for plain UNets, else one after another."""
+        if self.lora or len(image_sets) == 1:
+            return [self.train(x, y, seed=s) for x, y, s in zip(image_sets, label_sets, seeds)]
+        from attribution.batched_training import train_ddpm_many
+
+        return train_ddpm_many([np.asarray(x) for x in image_sets], self.exp.model, self.exp.training, seeds,
+                               device=self.device)
+
     def save(self, name: str, unet, *, pruned: bool = False, **kw) -> str:
         """Store a model (an adapter with its base reference in the LoRA family); -> its digest."""
         from storage.models import save_model
