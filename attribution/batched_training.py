@@ -26,9 +26,9 @@ forward ~20% of a step; per-op Python overhead is minor), so running M models on
 bigger. A grouped convolution over M models runs ~1.2-1.5x more FLOP/s than M small ones. vmap produces the same
 grouped convolutions but adds layout copies and an unfused GroupNorm affine (mul/add/sum per norm) that eat most of
 the gain; "loop" only saves the optimizer's per-tensor overhead. Measured on the default experiment's model (one
-torch thread, models per CPU-hour vs one train_ddpm per process; benchmarks/results/batched_retraining.md): wide
-1.21x (M=2), 1.48x (M=4), 1.51x (M=8); vmap 1.07x and loop 1.01x (M=4). Wide M=8 in each of two processes projects
-to ~1.45x the models/hour of two single-model processes on an idle 2-core machine.
+torch thread, quiet machine, models/hour vs one train_ddpm per process; benchmarks/results/batched_retraining.md):
+wide 1.26x (M=2), 1.49x (M=4), 1.62x (M=8); vmap 1.18x and loop 1.13x (M=4). Wide M=8 in each of two processes ran
+201 models/hour vs 127 for two single-model processes (1.58x).
 The float results of "wide"/"vmap" differ from sequential training only by reduction order (grouped vs plain
 convolutions, batched matmuls): loss curves agree to < 1e-6 relative, final EMA weights to ~2e-6 absolute after
 150 steps of the default model and ~1e-5 after 30 steps of the test model.

@@ -29,6 +29,7 @@ Notes
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -95,8 +96,10 @@ class GradientEngine:
     output: an output-function name from :data:`attribution.outputs.OUTPUT_FUNCTIONS`.
     param_filter: passed to :func:`select_parameters` (None = all trainable parameters).
     chunk_size: ``vmap`` chunk size over samples (bounds activation memory; None = whole batch at once).
-    timestep_chunk: default number of timesteps (x noise draws) run together in one per-sample forward in
-        :meth:`averaged_grads`; larger is faster and uses more activation memory.  Changes rounding only.
+    timestep_chunk: the most timesteps (x noise draws) run together in one per-sample forward in
+        :meth:`averaged_grads`; the K columns are split into that many near-equal chunks (K=10 runs as one chunk of
+        10, K=20 as two of 10: one chunk of 10 ran 1.2-1.3x faster than chunks of 8 + 2 on the default model).
+        Larger is faster and uses more activation memory.  Changes rounding only.
     forward: optional ``forward(call, x_t, t, cond) -> eps_pred`` where ``call(*args, **kw)`` runs the model
         with the engine's parameters (default: ``call(x_t, t).sample``; with ``cond``, class labels for a
         UNet2DModel, ``encoder_hidden_states`` for a UNet2DConditionModel).
@@ -109,7 +112,7 @@ class GradientEngine:
         output: str,
         param_filter: Callable[[str], bool] | Sequence[str] | None = None,
         chunk_size: int | None = None,
-        timestep_chunk: int = 8,
+        timestep_chunk: int = 16,
         forward: Callable | None = None,
     ) -> None:
         self.model = model
@@ -243,7 +246,8 @@ class GradientEngine:
                 g = self._timestep_grad(x0, t_sets, eps, cond, k, R)
                 acc += g / _row_norms(g)
             return acc.div_(K)
-        tc = max(1, (timestep_chunk or self.timestep_chunk) // R)
+        cap = max(1, (timestep_chunk or self.timestep_chunk) // R)
+        tc = math.ceil(K / math.ceil(K / cap))  # near-equal chunks: no small remainder chunk
         acc = None
         for start in range(0, K, tc):
             ks = range(start, min(K, start + tc))

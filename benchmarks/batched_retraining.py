@@ -153,7 +153,10 @@ def environment(argv: list[str]) -> dict:
                 if line.startswith("model name")), platform.processor())
     exe = Path(sys.executable)
     exe_s = os.path.relpath(exe, REPO) if exe.is_relative_to(REPO) else str(exe)
-    return dict(command="nice -n 19 " + shlex.join([exe_s, "benchmarks/batched_retraining.py", *argv]),
+    niceness = os.nice(0)
+    return dict(command=(f"nice -n {niceness} " if niceness else "") + shlex.join([exe_s, "benchmarks/batched_retraining.py",
+                                                                                  *argv]),
+                niceness=niceness,
                 date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                 torch=version("torch"), diffusers=version("diffusers"), python=platform.python_version(),
                 cpu=cpu, cpu_count=os.cpu_count(), loadavg_at_start=[round(v, 2) for v in os.getloadavg()])
@@ -191,10 +194,12 @@ def render(env: dict, settings: dict, summary: list[dict], fid: list[dict], star
         f"- torch {env['torch']}, diffusers {env['diffusers']}, Python {env['python']}",
         f"- machine: {env['cpu']}, {env['cpu_count']} logical CPUs; one torch thread per process; load average at "
         f"start {env['loadavg_at_start']}, at end {env['loadavg_at_end']}",
-        "- **shared machine**: other work ran concurrently (the benchmark itself ran under `nice -n 19`), so absolute "
-        "numbers carry contention; the variants ran interleaved, once per round with the order rotated, so the "
+        ("- **shared machine**: other work ran concurrently (the benchmark itself ran under `nice -n "
+         f"{env['niceness']}`), so absolute numbers carry contention; " if env.get("niceness") else
+         "- run at normal priority; compare the load averages with the 2 CPUs to judge contention; ") +
+        "the variants ran interleaved, once per round with the order rotated, so the "
         "ratios between them are the result to read. 'load' is the 1-minute load average at the end of each job. "
-        "Because a nice-19 process only gets what the other work leaves, the table also gives **models per "
+        "Because a niced process only gets what other work leaves, the table also gives **models per "
         "CPU-hour** (process CPU time, which preemption does not inflate; scaled to 700 steps like the wall time) and "
         "the **CPU share** (CPU time / wall time per process: 1.0 = a whole core). On an idle 2-core machine one "
         "process would run at models per CPU-hour and two processes at twice that, less whatever the two slow each "

@@ -93,3 +93,11 @@ def test_lora_section_rules():
     for extra, message in cases:
         with pytest.raises(ExperimentError, match=message):
             parse_experiment({**base, **extra})
+
+
+def test_gpu_experiment_files_are_valid():
+    files = sorted((DEFAULT_DIR / "gpu").glob("*.yaml"))
+    assert [f.name for f in files] == ["cifar2.yaml"]
+    exp = load_experiment(files[0])
+    assert exp.device == "cuda" and exp.model.block_out_channels == [128, 256, 256, 256]
+    assert exp.attribution.proj_dim == 32768 and exp.lds.n_subsets == 64 and len(exp.lds.seeds) == 3
