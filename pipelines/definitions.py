@@ -9,7 +9,7 @@ from attribution.experiment import Experiment
 from storage.resources import StorageResource
 
 from . import operations
-from .executors import executor_from_env
+from .executors import executor_from_env, uses_dask, without_pools
 from .experiments import load_experiments
 
 STAGES = (data, models, features, scores, evaluation, counterfactual, groups, inbox)
@@ -27,6 +27,8 @@ def build_definitions(experiments: list[Experiment], storage: StorageResource | 
     assets, jobs, schedules, sensors = [], [], [], [operations.run_failure_sensor]
     for exp in experiments:
         exp_assets = experiment_assets(exp)
+        if uses_dask():
+            without_pools(exp_assets)
         assets.extend(exp_assets)
         jobs.extend(operations.stage_jobs(exp, exp_assets))
         if any(j.name == f"{exp.name}__evaluation" for j in jobs):

@@ -36,6 +36,20 @@ def dask_executor(address: str):
     return executor.configured({"cluster": {"existing": {"address": address}}})
 
 
+def without_pools(assets: list) -> list:
+    """Drop the concurrency pools of freshly built assets run by the Dask executor: dagster-dask 0.29.27 passes the
+    run through dask's task-spec parser, which iterates the run's pool record (RunOpConcurrency) and fails ("Iteration
+    is not allowed on `@record`"). Dask's own worker resources then govern concurrency. OpDefinition has no public
+    setter for its pool, hence the private attribute; the assets must be this job's own objects."""
+    for a in assets:
+        a.op._pool = None
+    return assets
+
+
+def uses_dask(environ=os.environ) -> bool:
+    return environ.get(EXECUTOR_ENV, "multiprocess") == "dask"
+
+
 def experiment_job(experiment_file: str, job_name: str, root: str, warehouse_path: str, dask_address: str):
     """A job of one experiment on a Dask cluster, rebuilt from plain arguments in every worker (the reconstructable
     form dagster-dask needs: dg.build_reconstructable_job("pipelines.executors", "experiment_job", args))."""
@@ -48,7 +62,7 @@ def experiment_job(experiment_file: str, job_name: str, root: str, warehouse_pat
     from .operations import stage_jobs
 
     exp = load_experiment(experiment_file)
-    assets = experiment_assets(exp)
+    assets = without_pools(experiment_assets(exp))
     jobs = [j for j in stage_jobs(exp, assets) if j.name == job_name]
     if not jobs:
         raise ValueError(f"experiment {exp.name} has no job {job_name}")

@@ -3,7 +3,6 @@ is stored as its own subset model and matches training it alone, and the LDS is 
 import dagster as dg
 import numpy as np
 import pytest
-import torch
 
 from attribution.experiment import parse_experiment
 from tests.conftest import materialized, tiny_experiment_dict

@@ -185,6 +185,12 @@ def test_pools_follow_what_each_step_does_and_the_instance_config_limits_them(tm
             kinds = {k for spec in a.specs for k in spec.kinds}
             expected = ACCELERATOR_POOL if "pytorch" in kinds else WAREHOUSE_POOL if "duckdb" in kinds else None
             assert a.op.pool == expected, (exp.name, a.key, kinds, a.op.pool)
+    # on a Dask cluster the pools are dropped (dagster-dask cannot submit a run that carries them)
+    dask_env = {"DIFFATTR_EXECUTOR": "dask", "DIFFATTR_DASK_ADDRESS": "tcp://127.0.0.1:8786"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dask_env.items():
+            mp.setenv(k, v)
+        assert all(a.op.pool is None for a in build_definitions(load_experiments()[:1]).assets)
     shutil.copy(ROOT / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
     config = dg.DagsterInstance.from_config(str(tmp_path)).get_concurrency_config()
     assert config.pool_config.default_pool_limit == 2 and config.run_queue_config.max_concurrent_runs == 2

@@ -117,7 +117,8 @@ def test_inbox_scores_equal_the_query_set_scores_for_a_query_image(run):
     for name in ("dtrak", "pixel"):
         method = exp.attribution.methods[name]
         fresh = fresh_query_features(exp, paths, name, method, queries, np.array([-1 - q]))
-        got = compute_scores(paths, name, method, exp.attribution.lambda_factor, train, queries, fresh)[0]["scores"]
+        got = compute_scores(paths, "base_model", name, method, exp.attribution.lambda_factor, train, queries,
+                             fresh)[0]["scores"]
         stored = load_scores(paths.scores(name))[0]["scores"][q]
         np.testing.assert_allclose(got[0], stored, rtol=1e-4, atol=1e-6 * np.abs(stored).max())
 
