@@ -87,9 +87,9 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
             removed = np.sort(top_k(load_scores(paths.scores(method))[0]["scores"][q:q + 1], cf.remove)[0])
         keep = np.setdiff1d(np.arange(len(train)), removed)
         context.log.info(f"query {q}, {method}: retraining on {len(keep)} images ({cf.remove} removed)")
-        result = kit.train(train.images[keep], train.labels[keep])
-        regen = kit.sample(result.unet, queries["seed"][q:q + 1], queries["label"][q:q + 1],
-                           train.shape, steps=exp.queries.sampling_steps).images[0]
+        result = kit.train(kit.inputs("train", train)[keep], train.labels[keep])
+        regen = kit.decode(kit.sample(result.unet, queries["seed"][q:q + 1], queries["label"][q:q + 1],
+                                      train.shape, steps=exp.queries.sampling_steps).images)[0]
         digest = kit.save(f"counterfactual/{context.partition_key}", result.unet, meta={"query": q, "method": method})
         save_arrays(paths.dataset(f"counterfactual_{context.partition_key}"),
                     {"regenerated": regen, "removed": removed}, {"query": q, "method": method})

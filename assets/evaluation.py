@@ -98,7 +98,8 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         masks = load_arrays(paths.dataset("lds_subsets"), "LDS subsets (materialize lds_subsets)")[0]["masks"]
         context.log.info(f"subsets {subsets} ({int(masks[subsets[0]].sum())} images each), seed {seed}: "
                          f"{exp.training.steps} steps, {len(subsets)} model(s) side by side")
-        results = kit.train_many([train.images[masks[i]] for i in subsets], [train.labels[masks[i]] for i in subsets],
+        x = kit.inputs("train", train)
+        results = kit.train_many([x[masks[i]] for i in subsets], [train.labels[masks[i]] for i in subsets],
                                  [seed] * len(subsets))
         digests, losses = [], []
         for subset, result in zip(subsets, results):

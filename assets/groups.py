@@ -85,8 +85,8 @@ class GameScorer:
         from attribution.sampling import image_seeds
 
         sh = self.exp.shapley
-        images = self.kit.sample(unet, image_seeds(sh.image_seed, sh.n_images), self.labels, self.shape,
-                                 steps=sh.sampling_steps).images
+        images = self.kit.decode(self.kit.sample(unet, image_seeds(sh.image_seed, sh.n_images), self.labels,
+                                                 self.shape, steps=sh.sampling_steps).images)
         return images, {p: evaluate_property(p, images, self.context) for p in sh.properties}
 
 
@@ -261,7 +261,7 @@ def _pruned_model(exp: Experiment, scored: list) -> dg.AssetsDefinition:
         removed = 1 - report["params_after"] / report["params_before"]
         context.log.info(f"pruned {report['params_before']} -> {report['params_after']} {what} parameters "
                          f"({removed:.1%} removed); recovering for {sh.pruned_finetune.steps} steps")
-        result = kit.train(train.images, train.labels, sh.pruned_finetune, init=unet)
+        result = kit.train(kit.inputs("train", train), train.labels, sh.pruned_finetune, init=unet)
         digest = kit.save("pruned_model", result.unet, pruned=True,
                           meta={"prune": report, "recovery_seconds": result.wall_seconds})
         images, values = scorer(result.unet)
@@ -316,7 +316,7 @@ def _coalition_models(exp: Experiment, plan, scored: list) -> dg.AssetsDefinitio
             init = kit.load("pruned_model" if method == SFT else explained_model(exp))
             spec = sh.finetune
         context.log.info(f"{method} on coalition {cid}: {len(rows)} images, {spec.steps} steps")
-        result = kit.train(train.images[rows], train.labels[rows], spec, init=init)
+        result = kit.train(kit.inputs("train", train)[rows], train.labels[rows], spec, init=init)
         digest = kit.save(f"coalitions/{context.partition_key}", result.unet, pruned=method == SFT,
                           meta={"method": method, "coalition": cid, "wall_seconds": result.wall_seconds})
         images, values = scorer(result.unet)
@@ -551,7 +551,7 @@ def _group_counterfactual(exp: Experiment, full: str, scored: list) -> list[dg.A
         rows = Groups(tuple(meta["groups"]), arrays["membership"]).rows(mask)
         context.log.info(f"{estimator}, {direction}: removing groups {[sh.groups[g] for g in removed]}, retraining "
                          f"on {len(rows)} images")
-        result = kit.train(train.images[rows], train.labels[rows])
+        result = kit.train(kit.inputs("train", train)[rows], train.labels[rows])
         digest = kit.save(f"group_counterfactual/{context.partition_key}", result.unet, meta={"removed": removed})
         images, values_f = scorer(result.unet)
         return finish(context, storage, exp, digest, record_game_model(

@@ -352,11 +352,6 @@ class Experiment(_Strict):
         if unknown:
             raise ValueError(f"shapley.aggregate {unknown} are not in attribution.methods "
                              f"{sorted(self.attribution.methods)}")
-        if self.lora.enabled and self.lora.base_pipeline and (self.lds.enabled or self.counterfactual.enabled
-                                                              or self.shapley.enabled or self.operations.inbox):
-            raise ValueError("a Stable Diffusion lora.base_pipeline supports training and per-sample attribution "
-                             "in latent space; set lds, counterfactual and shapley enabled: false and "
-                             "operations.inbox: false (their pixel-space image metrics are not wired to latents)")
         if self.lora.enabled and self.lds.models_per_process > 1:
             raise ValueError("lds.models_per_process > 1 trains plain UNets side by side; LoRA adapters train one "
                              "per process: set it to 1")

@@ -210,8 +210,13 @@ def sd_run(tmp_path_factory):
     d["queries"]["n_heldout"] = 2
     d["attribution"]["methods"] = {"dtrak": {"kind": "trak", "output": "square", "K": 2},
                                    "tracin": {"kind": "tracin", "K": 2}}
-    d["lds"] = {"enabled": False}
-    d["counterfactual"] = {"enabled": False, "encoder_steps": 5}
+    d["lds"].update(lambda_factors=[1.0], bootstrap=20)
+    d["counterfactual"].update(remove=4, encoder_steps=5)
+    d["shapley"] = {"groups": STYLES, "properties": ["inception_score"], "n_images": 6, "sampling_steps": 2,
+                    "reference_clusters": 2, "methods": ["sparsified_finetune"], "n_coalitions": 8,
+                    "lds_coalitions": 0, "bootstrap": 10, "prune_ratio": 0.5, "aggregate": ["dtrak"],
+                    "finetune": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoints": 1},
+                    "pruned_finetune": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoints": 1}}
     d["operations"] = {"inbox": False}
     exp = parse_experiment(d)
     with materialized(exp, tmp_path_factory) as (storage, instance, results):
@@ -249,3 +254,25 @@ def test_stable_diffusion_directory_as_base_trains_lora_in_latent_space(sd_run):
     for method in ("dtrak", "tracin"):
         scores = load_scores(paths.scores(method))[0]["scores"]
         assert scores.shape == (5, 24) and np.isfinite(scores).all()
+
+
+def test_stable_diffusion_base_runs_lds_counterfactual_and_group_attribution_in_latent_space(sd_run):
+    from assets.evaluation import subset_model_name
+    from storage.artefacts import load_arrays
+    from storage.models import StoredModel
+
+    exp, storage, _ = sd_run
+    paths = storage.paths(exp.name)
+    base = StoredModel(paths.model("base_model"))
+    assert StoredModel(paths.model(subset_model_name(0, 1))).base.digest == base.digest  # adapters on the SD UNet
+    wh = storage.warehouse()
+    lds = wh.query("SELECT method, value FROM diffattr.lds WHERE experiment = ?", [exp.name])
+    assert set(lds.method) == {"dtrak", "tracin"} and np.isfinite(lds.value).all()
+    regen = load_arrays(paths.dataset("counterfactual_q000__dtrak"))[0]["regenerated"]
+    assert regen.shape == (3, 8, 8) and np.abs(regen).max() <= 1  # decoded from latents
+    runs = wh.query("SELECT method, parameters FROM diffattr.coalition_runs WHERE experiment = ?", [exp.name])
+    sft = runs[runs.method == "sparsified_finetune"].parameters
+    full = runs[runs.method == "retrain"].parameters
+    assert len(sft) and (sft < full.max()).all()  # rank-pruned adapters
+    values = wh.query("SELECT estimator FROM diffattr.group_values WHERE experiment = ?", [exp.name])
+    assert "shapley_sparsified_finetune" in set(values.estimator)

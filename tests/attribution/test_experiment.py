@@ -85,7 +85,6 @@ def test_lora_section_rules():
         ({"lora": {"pretrain_groups": ["0"], "base_pipeline": "/sd"}}, "drop one of them"),
         ({"lora": {"pretrain_groups": ["0"], "prompt": "a painting"}}, r"must contain \{label\}"),
         ({"lora": {"pretrain_groups": ["0"], "rank": 0}}, "lora.rank"),
-        ({"lora": {"base_pipeline": "/sd"}}, "lds, counterfactual and shapley enabled: false"),
         ({"lora": {"pretrain_groups": ["0"]}, "operations": {"inbox": True}}, "inbox images carry no class label"),
         ({"lora": {"pretrain_groups": ["0", "1"]}, "shapley": {"groups": ["1", "2", "3"], "n_coalitions": 8}},
          r"shapley.groups \['1'\] are lora.pretrain_groups"),
