@@ -252,16 +252,24 @@ def task_features(model: str, batch: int, projector: str | None, k: int, reps: i
 def task_limit(model: str, batch: int, reps: int, threads: int) -> dict:
     """One batched forward+backward over the same B*K (sample, timestep, noise) inputs, mean "square" loss."""
     torch = _init_torch(threads)
+    unet, schedule, _ = _model(model)
+    step = limit_step(unet, schedule, torch.from_numpy(_images(model, batch)), K_TIMESTEPS)
+    return measure(step, step, reps)
+
+
+def limit_step(unet, schedule, x0, K: int):
+    """The physical limit's work: one batched forward+backward of `unet` over every (image, uniform timestep,
+    common noise) pair the D-TRAK features of x0 cover, with the mean "square" output as the loss."""
+    import torch
+
     from attribution.outputs import get_output_function
     from attribution.timesteps import common_noise_fn, timesteps
 
-    unet, schedule, _ = _model(model)
     unet.eval()  # as GradientEngine does (no dropout in these models either way)
-    x0 = torch.from_numpy(_images(model, batch))
-    t = timesteps("uniform", K_TIMESTEPS, schedule.num_train_timesteps, range(batch)).reshape(-1)
+    t = timesteps("uniform", K, schedule.num_train_timesteps, range(len(x0))).reshape(-1)
     eps_fn = common_noise_fn(SEED, tuple(x0.shape[1:]))
     eps = torch.stack([eps_fn(int(ti), 0) for ti in t])
-    x = x0.repeat_interleave(K_TIMESTEPS, dim=0)
+    x = x0.repeat_interleave(K, dim=0)
     square = get_output_function("square")
 
     def step():
@@ -269,7 +277,7 @@ def task_limit(model: str, batch: int, reps: int, threads: int) -> dict:
         pred = unet(schedule.add_noise(x, eps, t), t).sample
         square(pred, eps, t, schedule).mean().backward()
 
-    return measure(step, step, reps)
+    return step
 
 
 def _fidelity(G, Z) -> dict:

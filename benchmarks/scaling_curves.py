@@ -212,26 +212,11 @@ def task_rows(model: str, batch: int, k: int, K: int, reps: int) -> dict:
 
 def task_limit(model: str, batch: int, K: int, reps: int) -> dict:
     """One batched forward+backward over the same batch x K (sample, timestep, noise) inputs, mean "square" loss
-    (as feature_throughput.task_limit, for any MODELS entry and any K)."""
+    (feature_throughput.limit_step, for any MODELS entry and any K)."""
     import torch
 
-    from attribution.outputs import get_output_function
-    from attribution.timesteps import common_noise_fn, timesteps
-
     unet, schedule = _model(model)
-    unet.eval()
-    x0 = torch.from_numpy(_images(model, batch))
-    t = timesteps("uniform", K, schedule.num_train_timesteps, range(batch)).reshape(-1)
-    eps_fn = common_noise_fn(SEED, tuple(x0.shape[1:]))
-    eps = torch.stack([eps_fn(int(ti), 0) for ti in t])
-    x = x0.repeat_interleave(K, dim=0)
-    square = get_output_function("square")
-
-    def step():
-        unet.zero_grad(set_to_none=True)
-        pred = unet(schedule.add_noise(x, eps, t), t).sample
-        square(pred, eps, t, schedule).mean().backward()
-
+    step = ft.limit_step(unet, schedule, torch.from_numpy(_images(model, batch)), K)
     return dict(_measure(step, step, reps), params=sum(p.numel() for p in unet.parameters()))
 
 
