@@ -44,7 +44,7 @@ class ModelKit:
         self.exp, self.paths, self.device = exp, paths, device
         self.lora = exp.lora.enabled
         self.latent = self.lora and exp.lora.base_pipeline is not None  # models live in a Stable Diffusion VAE's space
-        self._table = self._vae = None
+        self._table = self._vae = self._scheduler = None
 
     # ------------------------------------------------------------------------------------------ model space
     def vae(self):
@@ -106,13 +106,14 @@ class ModelKit:
     # ------------------------------------------------------------------------------------------ models
     def scheduler(self):
         """The noise schedule models are trained and sampled with (a Stable Diffusion base's own)."""
-        if self.lora and self.exp.lora.base_pipeline:
-            from storage.models import StoredModel
+        if self._scheduler is None:
+            if self.latent:
+                self._scheduler = self.stored("base_model").load_scheduler()
+            else:
+                from attribution.models import build_scheduler
 
-            return StoredModel(self.paths.model("base_model")).load_scheduler()
-        from attribution.models import build_scheduler
-
-        return build_scheduler(self.exp.model)
+                self._scheduler = build_scheduler(self.exp.model)
+        return self._scheduler
 
     def initial(self, shape, seed: int):
         """The model before training with `seed`: the seed's fresh weights, or the base with the seed's fresh
@@ -139,7 +140,7 @@ class ModelKit:
         seed = spec.seed if seed is None else seed
         if init is None and self.lora:
             init = self.initial(images.shape[1:], seed)
-        scheduler_config = dict(self.scheduler().config) if self.exp.lora.base_pipeline else None
+        scheduler_config = dict(self.scheduler().config) if self.latent else None
         return train_ddpm(np.asarray(images), self.exp.model, spec, seed=seed, device=self.device, init_model=init,
                           conditioning=self.conditioning(labels), scheduler_config=scheduler_config,
                           progress=progress)
