@@ -407,18 +407,23 @@ def plan(s: Settings) -> list[tuple]:
     return jobs
 
 
-def environment(s: Settings, argv: list[str]) -> dict:
-    from importlib.metadata import version  # not importing diffusers here: that alone takes ~8 s
-
+def run_header(script: str, argv: list[str]) -> dict:
+    """The command line, date, machine and load of a benchmark run (for the results header)."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     exe = Path(sys.executable)
     exe_s = os.path.relpath(exe, REPO) if exe.is_relative_to(REPO) else str(exe)
-    return dict(command=shlex.join([exe_s, "benchmarks/feature_throughput.py", *argv]),
+    return dict(command=shlex.join([exe_s, f"benchmarks/{script}", *argv]),
                 date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                torch=version("torch"), diffusers=version("diffusers"), traker=_trak_version(),
-                python=platform.python_version(), threads=s.threads, cpu=cpu, cpu_count=os.cpu_count(),
-                loadavg_at_start=[round(v, 2) for v in os.getloadavg()], settings=asdict(s))
+                python=platform.python_version(), cpu=cpu, cpu_count=os.cpu_count(),
+                loadavg_at_start=[round(v, 2) for v in os.getloadavg()])
+
+
+def environment(s: Settings, argv: list[str]) -> dict:
+    from importlib.metadata import version  # not importing diffusers here: that alone takes ~8 s
+
+    return dict(run_header("feature_throughput.py", argv), torch=version("torch"), diffusers=version("diffusers"),
+                traker=_trak_version(), threads=s.threads, settings=asdict(s))
 
 
 # ---------------------------------------------------------------------------------------------- report

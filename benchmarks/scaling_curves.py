@@ -28,13 +28,10 @@ process, absolute and as the delta over the RSS right after the model and data w
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import multiprocessing
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -240,15 +237,8 @@ def plan(s: Settings) -> list[tuple]:
 def environment(s: Settings, argv: list[str]) -> dict:
     from importlib.metadata import version  # not importing diffusers here: that alone takes ~8 s
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    exe = Path(sys.executable)
-    exe_s = os.path.relpath(exe, REPO) if exe.is_relative_to(REPO) else str(exe)
-    return dict(command=shlex.join([exe_s, f"benchmarks/{NAME}.py", *argv]),
-                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                torch=version("torch"), diffusers=version("diffusers"), zarr=version("zarr"),
-                numpy=version("numpy"), python=platform.python_version(), threads=THREADS, niceness=os.nice(0),
-                cpu=cpu, cpu_count=os.cpu_count(), loadavg_at_start=[round(v, 2) for v in os.getloadavg()],
+    return dict(ft.run_header(f"{NAME}.py", argv), torch=version("torch"), diffusers=version("diffusers"),
+                zarr=version("zarr"), numpy=version("numpy"), threads=THREADS, niceness=os.nice(0),
                 settings=asdict(s))
 
 
