@@ -1,10 +1,17 @@
 """Batched per-sample gradients of an output function for a diffusers UNet (DESIGN.md 1.1-1.3).
 
-The hot path of feature computation.  Per-sample gradients come from ``torch.func``
-(``vmap(grad(functional_call(...)))``): one vectorised forward/backward for the whole batch, never a Python loop
-over samples.  Timesteps are handled by a loop over *chunks of timesteps* (not over samples): each sample runs a
-forward of ``timestep_chunk`` noised copies of itself and the gradient of their summed output is accumulated, so
-the (B, p) accumulator is the only p-sized buffer besides the per-chunk gradient.
+The hot path of feature computation.  Two backends compute the same per-sample gradients, never with a Python
+loop over samples:
+
+* ``"layers"`` (default whenever every selected parameter sits in a Linear, Conv2d, GroupNorm, LayerNorm or
+  Embedding module - true of diffusers UNets and of peft LoRA adapters): one ordinary batched forward and
+  backward with per-layer rules (:mod:`attribution.layer_grads`), the cost of one forward+backward pass;
+* ``"vmap"``: ``torch.func`` (``vmap(grad(functional_call(...)))``), for any model; the reference the layer
+  rules are tested against.
+
+Timesteps are handled by a loop over *chunks of timesteps* (not over samples): each sample runs a forward of
+``timestep_chunk`` noised copies of itself and the gradient of their summed output is accumulated, so the (B, p)
+accumulator is the only p-sized buffer besides the per-chunk gradient.
 
 Typical feature-store use::
 
@@ -19,13 +26,15 @@ projected per-timestep gradients, at 1/K of the projection cost.
 Notes
 -----
 * The engine puts the model in ``eval()`` mode and, when it contains diffusers ``Attention`` modules, switches
-  them to the classic ``AttnProcessor``: SDPA has no CPU batching rule for ``vmap``.  Both are numerically
+  them to the classic ``AttnProcessor`` (SDPA has no CPU batching rule for ``vmap``; both backends then run the
+  same arithmetic).  Both are numerically
   equivalent to training-time behaviour up to float rounding (no dropout is used by the papers' models at
   attribution time).
 * The selected parameters are *views* of the model's own tensors (``detach()`` shares storage), so
   ``model.load_state_dict(checkpoint)`` between calls (TracIn over checkpoints) is picked up without rebuilding.
 * Results are deterministic for a fixed batch: running a shard with the same row boundaries reproduces the
-  full run's rows bit for bit.  Different batch sizes may round differently (vmap picks kernels by shape).
+  full run's rows bit for bit.  Different batch sizes or backends may round differently (kernels are picked by
+  shape).
 """
 from __future__ import annotations
 
@@ -36,10 +45,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from .layer_grads import LayerGradients, unsupported
 from .models import use_classic_attention
 from .outputs import NoiseSchedule, get_output_function
 
-__all__ = ["select_parameters", "GradientEngine", "EpsSource"]
+__all__ = ["select_parameters", "GradientEngine", "EpsSource", "BACKENDS"]
+
+BACKENDS = ("auto", "layers", "vmap")
 
 # eps for averaged_grads: a tensor (B, K, C, H, W) or (B, K, R, C, H, W), or eps_fn(t, row) / eps_fn(t, row, draw)
 EpsSource = Tensor | Callable[..., Tensor]
@@ -95,7 +107,7 @@ class GradientEngine:
     schedule: the training noise schedule.
     output: an output-function name from :data:`attribution.outputs.OUTPUT_FUNCTIONS`.
     param_filter: passed to :func:`select_parameters` (None = all trainable parameters).
-    chunk_size: ``vmap`` chunk size over samples (bounds activation memory; None = whole batch at once).
+    chunk_size: the most samples differentiated together (bounds activation memory; None = the whole batch).
     timestep_chunk: the most timesteps (x noise draws) run together in one per-sample forward in
         :meth:`averaged_grads`; the K columns are split into that many near-equal chunks (K=10 runs as one chunk of
         10, K=20 as two of 10: one chunk of 10 ran 1.2-1.3x faster than chunks of 8 + 2 on the default model).
@@ -103,6 +115,8 @@ class GradientEngine:
     forward: optional ``forward(call, x_t, t, cond) -> eps_pred`` where ``call(*args, **kw)`` runs the model
         with the engine's parameters (default: ``call(x_t, t).sample``; with ``cond``, class labels for a
         UNet2DModel, ``encoder_hidden_states`` for a UNet2DConditionModel).
+    backend: ``"layers"``, ``"vmap"`` or ``"auto"`` (layers when every selected parameter has a layer rule,
+        else vmap; :attr:`backend` says which, :attr:`backend_reason` why).
     """
 
     def __init__(
@@ -114,6 +128,7 @@ class GradientEngine:
         chunk_size: int | None = None,
         timestep_chunk: int = 16,
         forward: Callable | None = None,
+        backend: str = "auto",
     ) -> None:
         self.model = model
         model.eval()
@@ -135,6 +150,17 @@ class GradientEngine:
         self.timestep_chunk = int(timestep_chunk)
         self._forward = forward or _default_forward(model)
         self._vmapped: dict[bool, Callable] = {}
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        bad = unsupported(model, self.param_names) if backend != "vmap" else []
+        if backend == "layers" and bad:
+            raise ValueError(f"backend 'layers' has no rule for parameters {bad[:5]} (their modules are not Linear, "
+                             "Conv2d, GroupNorm, LayerNorm or Embedding, or are shared): use backend 'vmap' or 'auto'")
+        self.backend = "vmap" if backend == "vmap" or bad else "layers"
+        self.backend_reason = ("requested" if backend != "auto" else
+                               f"no layer rule for {len(bad)} parameter(s), e.g. {bad[0]}" if bad else
+                               "every parameter has a layer rule")
+        self._layers = LayerGradients(model, self.params) if self.backend == "layers" else None
 
     # ------------------------------------------------------------------ core
     def _objective(self, params: Mapping[str, Tensor], x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None):
@@ -168,10 +194,41 @@ class GradientEngine:
         lead = tuple(flat.shape[:-1])
         return {n: v.reshape(lead + tuple(s)) for n, v, s in zip(self.param_names, parts, self.param_shapes)}
 
-    def _grads_multi(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None) -> Tensor:
-        """x0 (B,C,H,W), t (B,m), eps (B,m,C,H,W) -> (B,p) gradient of sum_m f per sample."""
-        g = self._batched_grad(cond is not None)(self.params, x0, t, eps, cond)
-        return self.flatten(g)
+    def _grads_multi(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None, scale: float = 1.0,
+                     out: Tensor | None = None) -> Tensor:
+        """x0 (B,C,H,W), t (B,m), eps (B,m,C,H,W) -> (B,p) scale * gradient of sum_m f per sample (added into
+        ``out`` when given)."""
+        if self._layers is None:
+            g = self.flatten(self._batched_grad(cond is not None)(self.params, x0, t, eps, cond))
+            g = g if scale == 1.0 else g.mul_(scale)
+            return g if out is None else out.add_(g)
+        B = x0.shape[0]
+        add = out is not None
+        if out is None:
+            out = torch.empty(B, self.num_params, dtype=torch.float32, device=x0.device)
+        step = self.chunk_size or B
+        for s in range(0, B, step):
+            rows = slice(s, min(B, s + step))
+            c = None if cond is None else cond[rows]
+            self._layer_grads(x0[rows], t[rows], eps[rows], c, scale, out[rows], add)
+        return out
+
+    def _layer_grads(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None, scale: float, out: Tensor,
+                     add: bool) -> None:
+        """The batched form of :meth:`_objective`: all B*m rows in one forward, per-sample sums by layer rules."""
+        B, m = t.shape
+        shape = tuple(x0.shape[1:])
+        x = x0.detach().unsqueeze(0).expand((m, B) + shape).reshape((m * B,) + shape)  # time-major rows
+        e = eps.detach().transpose(0, 1).reshape(x.shape)
+        tf = t.T.reshape(-1)
+        c = None if cond is None else cond.detach().unsqueeze(0).expand((m,) + tuple(cond.shape)).flatten(0, 1)
+
+        def loss() -> Tensor:
+            pred = self._forward(self.model, self.schedule.add_noise(x, e, tf), tf, c)
+            total = self.output_fn(pred, e, tf, self.schedule).sum()
+            return total if scale == 1.0 else total * scale
+
+        self._layers.compute(loss, B, out, add)
 
     @staticmethod
     def _check(x0: Tensor, t: Tensor) -> None:
@@ -253,14 +310,13 @@ class GradientEngine:
             ks = range(start, min(K, start + tc))
             t_chunk = t_sets[:, ks.start : ks.stop].repeat_interleave(R, dim=1)
             e = self._eps_chunk(eps, x0, t_sets, ks, R)
-            g = self._grads_multi(x0, t_chunk, e, cond)
-            acc = g if acc is None else acc.add_(g)
-        return acc.div_(K * R)
+            acc = self._grads_multi(x0, t_chunk, e, cond, scale=1.0 / (K * R), out=acc)
+        return acc
 
     def _timestep_grad(self, x0, t_sets, eps, cond, k: int, R: int) -> Tensor:
         t_chunk = t_sets[:, k : k + 1].repeat_interleave(R, dim=1)
         e = self._eps_chunk(eps, x0, t_sets, range(k, k + 1), R)
-        return self._grads_multi(x0, t_chunk, e, cond).div_(R)
+        return self._grads_multi(x0, t_chunk, e, cond, scale=1.0 / R)
 
     def query_grads_per_timestep(
         self,

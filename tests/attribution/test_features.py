@@ -1,8 +1,8 @@
 """Numeric checks for the feature hot path: output functions, timesteps/noise, per-sample gradients, projectors.
 
-Tolerances: torch.func per-sample gradients are compared with a plain autograd loop at rtol=1e-4 and
-atol=1e-6 * max|reference| (float32; the two compute the same math with different kernel orderings, observed
-differences ~1e-7 relative).  Everything that the spec requires to be reproducible (projections, sharding,
+Tolerances: per-sample gradients (both backends: per-layer rules and torch.func) are compared with a plain autograd
+loop at rtol=1e-4 and atol=1e-6 * max|reference| (float32; they compute the same math with different kernel
+orderings, observed differences ~1e-7 relative).  Everything that the spec requires to be reproducible (projections, sharding,
 seeded draws) is compared bit for bit with torch.equal.
 """
 from __future__ import annotations
@@ -100,10 +100,12 @@ def _assert_grads_close(actual, expected):
 
 
 # --------------------------------------------------------------------------- 1. gradients
+@pytest.mark.parametrize("backend", ["layers", "vmap"])
 @pytest.mark.parametrize("output", sorted(OUTPUT_FUNCTIONS))
-def test_per_sample_grads_match_autograd_loop(unet, schedule, batch, output):
+def test_per_sample_grads_match_autograd_loop(unet, schedule, batch, output, backend):
     x0, t, eps = batch
-    engine = GradientEngine(unet, schedule, output)
+    engine = GradientEngine(unet, schedule, output, backend=backend)
+    assert engine.backend == backend
     assert engine.num_attention_modules > 0  # attention is exercised (classic processor under vmap)
     assert engine.num_params == sum(p.numel() for p in unet.parameters())
     G = engine.per_sample_grads(x0, t, eps)
@@ -111,13 +113,14 @@ def test_per_sample_grads_match_autograd_loop(unet, schedule, batch, output):
     ref = _autograd_reference(unet, schedule, output, x0, t, eps)
     assert float(ref.abs().max()) > 0
     _assert_grads_close(G, ref)
-    # rows differ (different samples/timesteps), i.e. the vmap really is per sample
+    # rows differ (different samples/timesteps), i.e. the gradients really are per sample
     assert not torch.allclose(G[0], G[1])
 
 
-def test_averaged_grads_equal_mean_of_per_timestep_grads(unet, schedule, batch):
+@pytest.mark.parametrize("backend", ["layers", "vmap"])
+def test_averaged_grads_equal_mean_of_per_timestep_grads(unet, schedule, batch, backend):
     x0, _, _ = batch
-    engine = GradientEngine(unet, schedule, "square", timestep_chunk=3)
+    engine = GradientEngine(unet, schedule, "square", timestep_chunk=3, backend=backend)
     B, K = x0.shape[0], 4
     t_sets = timesteps("random", K, T, sample_ids=[11, 12, 13], seed=5)
     eps = torch.randn(B, K, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -160,12 +163,13 @@ def test_averaged_grads_with_noise_callables_and_draws(unet, schedule, batch):
     _assert_grads_close(got, torch.stack(singles).mean(0))
 
 
-def test_param_filter_subset(unet, schedule, batch):
+@pytest.mark.parametrize("backend", ["layers", "vmap"])
+def test_param_filter_subset(unet, schedule, batch, backend):
     x0, t, eps = batch
-    full = GradientEngine(unet, schedule, "loss")
+    full = GradientEngine(unet, schedule, "loss", backend="vmap")
     Gfull = full.unflatten(full.per_sample_grads(x0, t, eps))
     pred = lambda n: n.startswith("conv_out") or ".attentions." in n  # noqa: E731
-    sub = GradientEngine(unet, schedule, "loss", param_filter=pred)
+    sub = GradientEngine(unet, schedule, "loss", param_filter=pred, backend=backend)
     expected_p = sum(p.numel() for n, p in unet.named_parameters() if pred(n))
     assert 0 < sub.num_params == expected_p < full.num_params
     Gsub = sub.per_sample_grads(x0, t, eps)
@@ -180,8 +184,9 @@ def test_param_filter_subset(unet, schedule, batch):
         select_parameters(unet, lambda n: False)
 
 
-def test_class_conditional_grads(schedule, batch):
-    """cond= is passed per sample through vmap (class labels for a UNet2DModel with num_class_embeds)."""
+@pytest.mark.parametrize("backend", ["layers", "vmap"])
+def test_class_conditional_grads(schedule, batch, backend):
+    """cond= is passed per sample (class labels for a UNet2DModel with num_class_embeds: an Embedding)."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(1)
@@ -192,7 +197,7 @@ def test_class_conditional_grads(schedule, batch):
     )
     x0, t, eps = batch
     y = torch.tensor([2, 0, 2])
-    G = GradientEngine(model, schedule, "loss").per_sample_grads(x0, t, eps, cond=y)
+    G = GradientEngine(model, schedule, "loss", backend=backend).per_sample_grads(x0, t, eps, cond=y)
     rows = []
     for i in range(3):
         xt = schedule.add_noise(x0[i : i + 1], eps[i : i + 1], t[i : i + 1])

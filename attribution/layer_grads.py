@@ -1,0 +1,241 @@
+"""Per-sample parameter gradients from one ordinary batched forward and backward pass (issue 8).
+
+A layer's weight gradient is a sum over the batch of products of the gradient at its output with its input
+(Linear; Conv2d after unfolding) or with its normalised input (GroupNorm, LayerNorm).  Keeping that sum per sample
+instead of over the whole batch takes the same multiply-adds, so per-sample gradients cost one batched forward,
+the backward through the activations (the summed weight gradients are never computed: nothing asks for them) and
+one batched matmul per layer: the work of a single forward+backward pass of the batch, the physical limit.
+
+A sample may own ``m`` rows of the batch (its noised copies at m timesteps); its gradient is the sum over those
+rows, which folds into the same matmul.
+
+Modules are hooked only while :meth:`LayerGradients.compute` runs.  :func:`unsupported` names the selected
+parameters that live in any other kind of module (or are shared between modules); such models are left to the
+``torch.func`` path of :class:`attribution.gradients.GradientEngine`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerGradients", "unsupported"]
+
+
+# Rows are time-major: sample b owns rows b, B + b, 2B + b, ... (row = copy * B + sample).  A view of an
+# activation (m*B, C, ...) as (m, B*C, ...) then puts each sample's channels in its own channel group, so the
+# per-sample gradients of a convolution or a group norm are that op's ordinary weight gradient with the samples as
+# groups: one library call over free views, summed over the m copies by the library itself.
+#
+# A rule maps (module, input, output gradient, samples, autograd node of the output or None) to the gradients of
+# the module's parameters, each (samples, *parameter shape).
+
+
+def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+    x = x.reshape(-1, B, x[0].numel() // x.shape[-1], x.shape[-1])
+    g = g.reshape(-1, B, g[0].numel() // g.shape[-1], g.shape[-1])
+    out = {"weight": torch.einsum("mblo,mbli->boi", g, x)}
+    if module.bias is not None:
+        out["bias"] = g.sum((0, 2))
+    return out
+
+
+def _conv2d(module: nn.Conv2d, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+    x, g, w = x.contiguous(), g.contiguous(), module.weight  # raw aten kernels below: give them plain layouts
+    O, C = w.shape[0] // module.groups, w.shape[1]  # channels per group
+    m = x.shape[0] // B
+    out: dict[str, Tensor] = {}
+    if w.shape[2:] == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1:
+        # a 1x1 convolution is a Linear over pixels: one bmm beats a grouped convolution of tiny kernels
+        gs = g.reshape(m, B, O, -1).permute(1, 2, 0, 3).reshape(B, O, -1)
+        xs = x.reshape(m, B, C, -1).permute(1, 0, 3, 2).reshape(B, -1, C)
+        out["weight"] = torch.bmm(gs, xs).reshape((B,) + tuple(w.shape))
+    elif O < 8 <= C and _same_size(module):
+        # few output channels (a conv_out to pixels): oneDNN is slow with < 8 channels per group on the output
+        # side, so swap the roles of input and output gradient; for a size-preserving stride-1 convolution
+        # that yields the same gradient transposed and flipped
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            x.reshape((m, B * C) + tuple(x.shape[2:])), g.reshape((m, B * O) + tuple(g.shape[2:])),
+            w.new_zeros((B * C, O) + tuple(w.shape[2:])), None, [1, 1], module.padding, [1, 1], False, [0, 0], B,
+            [False, True, False])
+        out["weight"] = dw.reshape((B, C, O) + tuple(w.shape[2:])).transpose(1, 2).flip(-1, -2)
+    else:
+        # the grouped weight only needs its shape: dX is not asked for
+        _, dw, db = torch.ops.aten.convolution_backward(
+            g.reshape((m, B * g.shape[1]) + tuple(g.shape[2:])), x.reshape((m, B * x.shape[1]) + tuple(x.shape[2:])),
+            w.new_zeros((B * w.shape[0],) + tuple(w.shape[1:])), None if module.bias is None else [B * w.shape[0]],
+            module.stride, module.padding, module.dilation, False, [0, 0], B * module.groups,
+            [False, True, module.bias is not None])
+        out["weight"] = dw.reshape((B,) + tuple(w.shape))
+        if module.bias is not None:
+            out["bias"] = db.reshape(B, -1)
+    if module.bias is not None and "bias" not in out:
+        out["bias"] = g.reshape(m, B, g.shape[1], -1).sum((0, 3))
+    return out
+
+
+def _same_size(module: nn.Conv2d) -> bool:
+    """Stride 1, no dilation, one group, odd kernel with half-kernel padding: output size = input size."""
+    k = module.kernel_size
+    return (module.stride == (1, 1) and module.dilation == (1, 1) and module.groups == 1
+            and all(n % 2 == 1 for n in k) and tuple(module.padding) == (k[0] // 2, k[1] // 2))
+
+
+def _group_norm(module: nn.GroupNorm, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+    C, G = module.num_channels, module.num_groups
+    m, hw = x.shape[0] // B, x[0, 0].numel()
+    # the CPU kernel reads garbage from a non-contiguous gradient (e.g. the expanded ones of a .sum() loss)
+    xs, gs = x.reshape(m, B * C, hw).contiguous(), g.reshape(m, B * C, hw).contiguous()
+    if type(node).__name__ == "NativeGroupNormBackward0":  # the forward's own statistics, (m*B, G) = (m, B*G)
+        mean, rstd = node._saved_result1, node._saved_result2
+    else:
+        _, mean, rstd = torch.native_group_norm(xs, None, None, m, B * C, hw, B * G, module.eps)
+    ones = torch.ones(B * C, dtype=x.dtype, device=x.device)  # the kernel wants a weight; dX is not asked for
+    _, dw, db = torch.ops.aten.native_group_norm_backward(
+        gs, xs, mean.reshape(m, B * G), rstd.reshape(m, B * G), ones, m, B * C, hw, B * G, [False, True, True])
+    return {"weight": dw.reshape(B, C), "bias": db.reshape(B, C)}
+
+
+def _layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+    shape = tuple(module.normalized_shape)
+    lead = (-1, B, g[0].numel() // math.prod(shape)) + shape  # (copies, samples, positions, *shape)
+    out = {"weight": (g * F.layer_norm(x, shape, eps=module.eps)).reshape(lead).sum((0, 2))}
+    if module.bias is not None:
+        out["bias"] = g.reshape(lead).sum((0, 2))
+    return out
+
+
+def _embedding(module: nn.Embedding, idx: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+    rows = idx.reshape(-1, B, idx[0].numel())
+    owner = torch.arange(B, device=idx.device).view(1, B, 1).expand_as(rows)
+    out = g.new_zeros((B,) + tuple(module.weight.shape))
+    out.index_put_((owner.reshape(-1), rows.reshape(-1)), g.reshape(-1, g.shape[-1]), accumulate=True)
+    if module.padding_idx is not None:
+        out[:, module.padding_idx] = 0
+    return {"weight": out}
+
+
+# exact types: a subclass may change forward (diffusers' LoRACompatibleConv adds a branch), so it is not assumed
+_RULES: dict[type, Callable] = {
+    nn.Linear: _linear,
+    nn.Conv2d: _conv2d,
+    nn.GroupNorm: _group_norm,
+    nn.LayerNorm: _layer_norm,
+    nn.Embedding: _embedding,
+}
+
+
+def _rule(module: nn.Module) -> Callable | None:
+    rule = _RULES.get(type(module))
+    if rule is _conv2d and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        return None
+    if rule is _embedding and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+        return None
+    return rule
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(parameter) -> every (full name, module, attribute) that holds it (more than one = a shared parameter)."""
+    owners: dict[int, list] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((f"{mod_name}.{attr}" if mod_name else attr, module, attr))
+    return owners
+
+
+def unsupported(model: nn.Module, names: list[str]) -> list[str]:
+    """The selected parameter names this module cannot differentiate per sample (empty: all of them can)."""
+    named = dict(model.named_parameters())
+    owners = _owners(model)
+    bad = []
+    for n in names:
+        holders = {id(mod): (mod, attr) for _, mod, attr in owners[id(named[n])]}
+        if len(holders) != 1 or _rule(next(iter(holders.values()))[0]) is None:
+            bad.append(n)
+    return bad
+
+
+class LayerGradients:
+    """Hooks that turn one batched backward into per-sample gradients of the selected parameters.
+
+    ``params``: name -> parameter, in the order of the flat (B, p) layout (GradientEngine.param_names).
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
+        bad = unsupported(model, list(params))
+        if bad:
+            raise ValueError(f"no per-layer gradient rule for {bad[:5]}: use the torch.func path")
+        named = dict(model.named_parameters())
+        self.model = model
+        self.layers: dict[nn.Module, dict[str, tuple[int, int]]] = {}  # module -> attr -> (offset, numel)
+        offset = 0
+        owners = _owners(model)
+        for n in params:
+            _, module, attr = owners[id(named[n])][0]
+            numel = named[n].numel()
+            self.layers.setdefault(module, {})[attr] = (offset, numel)
+            offset += numel
+        self.num_params = offset
+        self._all_params = list(model.parameters())
+
+    def compute(self, loss_fn: Callable[[], Tensor], samples: int, out: Tensor, add: bool = False) -> None:
+        """Write (``add``: add) d loss / d theta of each sample into ``out`` (samples, p).
+
+        ``loss_fn()`` runs the model on m*samples rows, time-major (sample b owns rows b, samples + b, ...), and
+        returns the sum of per-row outputs; rows must not interact (true of eval-mode UNets: GroupNorm and
+        attention work within a row).  Without ``add``, ``out`` may hold garbage on entry.
+        """
+        sources: list[Tensor] = []
+        pending: list[tuple[nn.Module, Tensor]] = []  # source layers: their gradient comes back from autograd
+        written: set[tuple[nn.Module, str]] = set()
+
+        def accumulate(module: nn.Module, x: Tensor, g: Tensor, node=None) -> None:
+            if g.shape[0] % samples:
+                raise ValueError(f"a layer saw {g.shape[0]} rows, not a multiple of the {samples} samples")
+            parts = _rule(module)(module, x, g, samples, node)
+            for attr, (offset, numel) in self.layers[module].items():
+                dst, part = out[:, offset : offset + numel], parts[attr].reshape(samples, numel)
+                if add or (module, attr) in written:
+                    dst.add_(part)
+                else:
+                    dst.copy_(part)
+                    written.add((module, attr))
+
+        def forward_hook(module: nn.Module, args: tuple, output: Tensor):
+            x = args[0].detach()
+            if output.requires_grad:
+                node = output.grad_fn
+                output.register_hook(lambda g: accumulate(module, x, g, node))
+                return None
+            # nothing upstream is differentiated: the graph starts at this output
+            leaf = output.detach().requires_grad_(True)
+            sources.append(leaf)
+            pending.append((module, x))
+            return leaf
+
+        flags = [(p, p.requires_grad) for p in self._all_params]
+        handles = [m.register_forward_hook(forward_hook) for m in self.layers]
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                loss = loss_fn()
+                if not sources:
+                    raise RuntimeError("no hooked layer ran in the forward pass")
+                grads = torch.autograd.grad(loss, sources, allow_unused=True)
+            for (module, x), g in zip(pending, grads):
+                if g is not None:
+                    accumulate(module, x, g)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        if not add:  # parameters the loss does not depend on have zero gradient
+            for module, attrs in self.layers.items():
+                for attr, (offset, numel) in attrs.items():
+                    if (module, attr) not in written:
+                        out[:, offset : offset + numel] = 0
