@@ -84,12 +84,14 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
             computed_rows = sum(store.shard_slice(s).stop - store.shard_slice(s).start for s in done)
             speed = computed_rows * per_row / wall if done else None
             context.log.info(f"{recipe.store_name}: {len(done)} of {store.n_shards} shards computed "
-                             f"({store.n_shards - len(done)} already complete) in {wall:.1f} s")
+                             f"({store.n_shards - len(done)} already complete) in {wall:.1f} s; per-sample "
+                             f"gradients by the {feat.engine.backend} backend ({feat.engine.backend_reason})")
             digest = store.digest()
             digests.append(digest)
             rows[recipe.store_name] = {"rows": len(x), "k": feat.dim, "shards_computed": len(done),
                                        "shards": store.n_shards, "seconds": round(wall, 2),
-                                       "sample_timesteps_per_s": round(speed, 1) if speed else None}
+                                       "sample_timesteps_per_s": round(speed, 1) if speed else None,
+                                       "gradient_backend": feat.engine.backend}
             table.append(dict(experiment=exp.name, method=name, store=recipe.store_name, role=recipe.role,
                               checkpoint=recipe.checkpoint, n_rows=len(x), dim=feat.dim,
                               num_params=feat.engine.num_params, projector=a.projector, shards_total=store.n_shards,

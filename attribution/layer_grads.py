@@ -207,8 +207,9 @@ class LayerGradients:
         def forward_hook(module: nn.Module, args: tuple, output: Tensor):
             x = args[0].detach()
             if output.requires_grad:
-                node = output.grad_fn
-                output.register_hook(lambda g: accumulate(module, x, g, node))
+                node, held = output.grad_fn, [x]
+                # pop: autograd frees a layer's saved input once its backward ran; so must we (peak memory)
+                output.register_hook(lambda g: accumulate(module, held.pop(), g, node))
                 return None
             # nothing upstream is differentiated: the graph starts at this output
             leaf = output.detach().requires_grad_(True)

@@ -10,7 +10,8 @@ Results go to ``benchmarks/results/feature_throughput.{md,json}``.
 What is measured (D-TRAK recipe: output "square", K=10 uniform timesteps, common noise, k=2048):
 
 1. Feature throughput in sample-timesteps/s of ``Featurizer.rows`` for every projector, plus "gradients only"
-   (``GradientEngine.averaged_grads`` without projection: the floor any projector adds to).
+   (``GradientEngine.averaged_grads`` without projection: the floor any projector adds to) for the default
+   per-layer backend and for the ``torch.func`` vmap backend.
 2. Peak RSS delta of each configuration, each in a fresh process (forked from a forkserver that has only imported
    the libraries, so that a configuration never inherits another one's heap or high-water mark).
 3. The physical limit: one batched forward+backward over the same B*K (sample, timestep) inputs; features/limit
@@ -229,8 +230,10 @@ def _trak_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- child tasks
-def task_features(model: str, batch: int, projector: str | None, k: int, reps: int, threads: int) -> dict:
-    """Featurizer.rows (or, with projector=None, the gradients alone) on one batch: warm-up, then timed reps."""
+def task_features(model: str, batch: int, projector: str | None, k: int, reps: int, threads: int,
+                  backend: str = "auto") -> dict:
+    """Featurizer.rows (or, with projector=None, the gradients alone from the given GradientEngine backend) on one
+    batch: warm-up, then timed reps."""
     _init_torch(threads)
     from attribution.gradients import GradientEngine
     from attribution.methods import Featurizer
@@ -239,14 +242,14 @@ def task_features(model: str, batch: int, projector: str | None, k: int, reps: i
     x = _images(model, batch)
     ids = list(range(batch))
     if projector is None:
-        engine = GradientEngine(unet, schedule, "square")
+        engine = GradientEngine(unet, schedule, "square", backend=backend)
         out = measure(lambda: _warm_up(engine, None, x, ids), lambda: _dtrak_grads(engine, x, ids), reps)
     else:
         feat = Featurizer(unet, schedule, _dtrak_recipe(), projector=projector, proj_dim=k, proj_seed=SEED,
                           noise_seed=SEED)
         engine = feat.engine
         out = measure(lambda: _warm_up(engine, [feat.projector.project], x, ids), lambda: feat.rows(x, ids), reps)
-    return dict(out, params=engine.num_params)
+    return dict(out, params=engine.num_params, backend=engine.backend)
 
 
 def task_limit(model: str, batch: int, reps: int, threads: int) -> dict:
@@ -397,6 +400,8 @@ def plan(s: Settings) -> list[tuple]:
     for model, batches in s.batches.items():
         for b in batches:
             jobs.append(("limit", task_limit, dict(model=model, batch=b, reps=s.reps, threads=s.threads)))
+            jobs.append(("features", task_features, dict(model=model, batch=b, projector=None, k=s.k, reps=s.reps,
+                                                         threads=s.threads, backend="vmap")))
             for proj in (None, *PROJECTORS):
                 if model != "small" and proj in DENSE and not s.big_dense:
                     continue
@@ -443,7 +448,8 @@ def throughput_rows(s: Settings, records: list[dict]) -> list[dict]:
         if r["section"] not in ("limit", "features"):
             continue
         key = (r["model"], r["batch"])
-        name = "fwd+bwd limit (batched)" if r["section"] == "limit" else (r["projector"] or "gradients only")
+        name = ("fwd+bwd limit (batched)" if r["section"] == "limit" else r["projector"] if r["projector"] else
+                "gradients only" if r.get("backend", "layers") == "layers" else f"gradients only ({r['backend']})")
         row = dict(model=r["model"], params=None, batch=r["batch"], config=name, error=r.get("error"))
         if not row["error"]:
             med = _median(r["times"])
@@ -459,7 +465,8 @@ def throughput_rows(s: Settings, records: list[dict]) -> list[dict]:
             rows += [dict(model=model, batch=b, config=p, skipped=True) for b in batches for p in DENSE]
     for row in rows:
         row["params"] = params.get(row["model"])
-    order = {"gradients only": 0, **{p: i + 1 for i, p in enumerate(PROJECTORS)}, "fwd+bwd limit (batched)": 9}
+    order = {"gradients only (vmap)": -1, "gradients only": 0, **{p: i + 1 for i, p in enumerate(PROJECTORS)},
+             "fwd+bwd limit (batched)": 9}
     return sorted(rows, key=lambda r: (list(MODELS).index(r["model"]), r["batch"], order[r["config"]]))
 
 
@@ -610,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     records = []
     for section, fn, kwargs in plan(s):
-        records.append(dict(section=section, **kwargs, **run_fresh(ctx, fn, **kwargs)))
+        records.append({"section": section, **kwargs, **run_fresh(ctx, fn, **kwargs)})
     total = time.perf_counter() - t0
     env["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
