@@ -30,11 +30,12 @@ __all__ = ["LayerGradients", "unsupported"]
 # per-sample gradients of a convolution or a group norm are that op's ordinary weight gradient with the samples as
 # groups: one library call over free views, summed over the m copies by the library itself.
 #
-# A rule maps (module, input, output gradient, samples, autograd node of the output or None) to the gradients of
-# the module's parameters, each (samples, *parameter shape).
+# A rule maps (module, input, output gradient, samples, autograd node of the output or None, zeros) to the
+# gradients of the module's parameters, each (samples, *parameter shape); zeros(shape, like) is a cached zero
+# tensor for arguments whose values a kernel never reads.
 
 
-def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
     x = x.reshape(-1, B, x[0].numel() // x.shape[-1], x.shape[-1])
     g = g.reshape(-1, B, g[0].numel() // g.shape[-1], g.shape[-1])
     out = {"weight": torch.einsum("mblo,mbli->boi", g, x)}
@@ -43,13 +44,16 @@ def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, node) -> dict[str, 
     return out
 
 
-def _conv2d(module: nn.Conv2d, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+def _conv2d(module: nn.Conv2d, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
     x, g, w = x.contiguous(), g.contiguous(), module.weight  # raw aten kernels below: give them plain layouts
     O, C = w.shape[0] // module.groups, w.shape[1]  # channels per group
     m = x.shape[0] // B
     out: dict[str, Tensor] = {}
-    if w.shape[2:] == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1:
-        # a 1x1 convolution is a Linear over pixels: one bmm beats a grouped convolution of tiny kernels
+    if (w.shape[2:] == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) and module.groups == 1
+            and x[0, 0].numel() <= 64):
+        # a 1x1 convolution is a Linear over pixels: on small images one bmm beats the grouped convolution, which
+        # oneDNN runs group by group for 1x1 kernels (4x4: 0.6 vs 1.05 ms); on large ones the grouped
+        # convolution wins (32x32: 49 vs 116 ms)
         gs = g.reshape(m, B, O, -1).permute(1, 2, 0, 3).reshape(B, O, -1)
         xs = x.reshape(m, B, C, -1).permute(1, 0, 3, 2).reshape(B, -1, C)
         out["weight"] = torch.bmm(gs, xs).reshape((B,) + tuple(w.shape))
@@ -59,14 +63,14 @@ def _conv2d(module: nn.Conv2d, x: Tensor, g: Tensor, B: int, node) -> dict[str, 
         # that yields the same gradient transposed and flipped
         _, dw, _ = torch.ops.aten.convolution_backward(
             x.reshape((m, B * C) + tuple(x.shape[2:])), g.reshape((m, B * O) + tuple(g.shape[2:])),
-            w.new_zeros((B * C, O) + tuple(w.shape[2:])), None, [1, 1], module.padding, [1, 1], False, [0, 0], B,
+            zeros((B * C, O) + tuple(w.shape[2:]), w), None, [1, 1], module.padding, [1, 1], False, [0, 0], B,
             [False, True, False])
         out["weight"] = dw.reshape((B, C, O) + tuple(w.shape[2:])).transpose(1, 2).flip(-1, -2)
     else:
-        # the grouped weight only needs its shape: dX is not asked for
+        # the grouped weight only needs its shape: dX is not asked for (a zero tensor, allocated once)
         _, dw, db = torch.ops.aten.convolution_backward(
             g.reshape((m, B * g.shape[1]) + tuple(g.shape[2:])), x.reshape((m, B * x.shape[1]) + tuple(x.shape[2:])),
-            w.new_zeros((B * w.shape[0],) + tuple(w.shape[1:])), None if module.bias is None else [B * w.shape[0]],
+            zeros((B * w.shape[0],) + tuple(w.shape[1:]), w), None if module.bias is None else [B * w.shape[0]],
             module.stride, module.padding, module.dilation, False, [0, 0], B * module.groups,
             [False, True, module.bias is not None])
         out["weight"] = dw.reshape((B,) + tuple(w.shape))
@@ -84,7 +88,7 @@ def _same_size(module: nn.Conv2d) -> bool:
             and all(n % 2 == 1 for n in k) and tuple(module.padding) == (k[0] // 2, k[1] // 2))
 
 
-def _group_norm(module: nn.GroupNorm, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+def _group_norm(module: nn.GroupNorm, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
     C, G = module.num_channels, module.num_groups
     m, hw = x.shape[0] // B, x[0, 0].numel()
     # the CPU kernel reads garbage from a non-contiguous gradient (e.g. the expanded ones of a .sum() loss)
@@ -93,13 +97,13 @@ def _group_norm(module: nn.GroupNorm, x: Tensor, g: Tensor, B: int, node) -> dic
         mean, rstd = node._saved_result1, node._saved_result2
     else:
         _, mean, rstd = torch.native_group_norm(xs, None, None, m, B * C, hw, B * G, module.eps)
-    ones = torch.ones(B * C, dtype=x.dtype, device=x.device)  # the kernel wants a weight; dX is not asked for
-    _, dw, db = torch.ops.aten.native_group_norm_backward(
-        gs, xs, mean.reshape(m, B * G), rstd.reshape(m, B * G), ones, m, B * C, hw, B * G, [False, True, True])
+    _, dw, db = torch.ops.aten.native_group_norm_backward(  # the kernel wants a weight; dX is not asked for
+        gs, xs, mean.reshape(m, B * G), rstd.reshape(m, B * G), zeros((B * C,), x), m, B * C, hw, B * G,
+        [False, True, True])
     return {"weight": dw.reshape(B, C), "bias": db.reshape(B, C)}
 
 
-def _layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+def _layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
     shape = tuple(module.normalized_shape)
     lead = (-1, B, g[0].numel() // math.prod(shape)) + shape  # (copies, samples, positions, *shape)
     out = {"weight": (g * F.layer_norm(x, shape, eps=module.eps)).reshape(lead).sum((0, 2))}
@@ -108,7 +112,7 @@ def _layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor, B: int, node) -> dic
     return out
 
 
-def _embedding(module: nn.Embedding, idx: Tensor, g: Tensor, B: int, node) -> dict[str, Tensor]:
+def _embedding(module: nn.Embedding, idx: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
     rows = idx.reshape(-1, B, idx[0].numel())
     owner = torch.arange(B, device=idx.device).view(1, B, 1).expand_as(rows)
     out = g.new_zeros((B,) + tuple(module.weight.shape))
@@ -180,6 +184,15 @@ class LayerGradients:
             offset += numel
         self.num_params = offset
         self._all_params = list(model.parameters())
+        self._zero_cache: dict[tuple, Tensor] = {}
+        self._zero_batch = 0
+
+    def _zeros(self, shape: tuple, like: Tensor) -> Tensor:
+        """A cached zero tensor; the cache holds one batch size's shapes (at most samples x p floats)."""
+        key = (tuple(shape), like.dtype, like.device)
+        if key not in self._zero_cache:
+            self._zero_cache[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self._zero_cache[key]
 
     def compute(self, loss_fn: Callable[[], Tensor], samples: int, out: Tensor, add: bool = False) -> None:
         """Write (``add``: add) d loss / d theta of each sample into ``out`` (samples, p).
@@ -188,6 +201,9 @@ class LayerGradients:
         returns the sum of per-row outputs; rows must not interact (true of eval-mode UNets: GroupNorm and
         attention work within a row).  Without ``add``, ``out`` may hold garbage on entry.
         """
+        if samples != self._zero_batch:  # zero tensors are per batch size: keep one size's
+            self._zero_cache.clear()
+            self._zero_batch = samples
         sources: list[Tensor] = []
         pending: list[tuple[nn.Module, Tensor]] = []  # source layers: their gradient comes back from autograd
         written: set[tuple[nn.Module, str]] = set()
@@ -195,7 +211,7 @@ class LayerGradients:
         def accumulate(module: nn.Module, x: Tensor, g: Tensor, node=None) -> None:
             if g.shape[0] % samples:
                 raise ValueError(f"a layer saw {g.shape[0]} rows, not a multiple of the {samples} samples")
-            parts = _rule(module)(module, x, g, samples, node)
+            parts = _rule(module)(module, x, g, samples, node, self._zeros)
             for attr, (offset, numel) in self.layers[module].items():
                 dst, part = out[:, offset : offset + numel], parts[attr].reshape(samples, numel)
                 if add or (module, attr) in written:
