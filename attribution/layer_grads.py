@@ -162,6 +162,12 @@ def unsupported(model: nn.Module, names: list[str]) -> list[str]:
     return bad
 
 
+def _take(held: list) -> tuple:
+    items = tuple(held)
+    held.clear()
+    return items
+
+
 class LayerGradients:
     """Hooks that turn one batched backward into per-sample gradients of the selected parameters.
 
@@ -205,10 +211,11 @@ class LayerGradients:
             self._zero_cache.clear()
             self._zero_batch = samples
         sources: list[Tensor] = []
+        holders: list[list] = []
         pending: list[tuple[nn.Module, Tensor]] = []  # source layers: their gradient comes back from autograd
         written: set[tuple[nn.Module, str]] = set()
 
-        def accumulate(module: nn.Module, x: Tensor, g: Tensor, node=None) -> None:
+        def accumulate(module: nn.Module, x: Tensor, node, g: Tensor) -> None:
             if g.shape[0] % samples:
                 raise ValueError(f"a layer saw {g.shape[0]} rows, not a multiple of the {samples} samples")
             parts = _rule(module)(module, x, g, samples, node, self._zeros)
@@ -223,9 +230,13 @@ class LayerGradients:
         def forward_hook(module: nn.Module, args: tuple, output: Tensor):
             x = args[0].detach()
             if output.requires_grad:
-                node, held = output.grad_fn, [x]
-                # pop: autograd frees a layer's saved input once its backward ran; so must we (peak memory)
-                output.register_hook(lambda g: accumulate(module, held.pop(), g, node))
+                # The hook lives on the output's autograd node, so it must not keep a reference to that node (a
+                # cycle through C++ that Python's gc cannot see: the whole graph would leak, every call) nor to x
+                # after use (autograd frees a layer's saved input once its backward ran; so must we).  held is
+                # emptied by the hook, or in the finally below when the hook never ran.
+                held = [x, output.grad_fn]
+                holders.append(held)
+                output.register_hook(lambda g: accumulate(module, *_take(held), g))
                 return None
             # nothing upstream is differentiated: the graph starts at this output
             leaf = output.detach().requires_grad_(True)
@@ -245,8 +256,10 @@ class LayerGradients:
                 grads = torch.autograd.grad(loss, sources, allow_unused=True)
             for (module, x), g in zip(pending, grads):
                 if g is not None:
-                    accumulate(module, x, g)
+                    accumulate(module, x, None, g)
         finally:
+            for held in holders:
+                held.clear()
             for h in handles:
                 h.remove()
             for p, flag in flags:

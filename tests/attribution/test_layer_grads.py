@@ -104,6 +104,26 @@ def test_every_rule_matches_the_autograd_loop(zoo_batch):
     assert torch.equal(once, out)
 
 
+def test_no_activation_outlives_the_call(zoo_batch):
+    """Hooks sit on autograd nodes; one that referenced its own node made a cycle through C++ that gc cannot
+    collect, which kept the call's output buffer (B x p floats) alive: memory grew with every batch featurized."""
+    import gc
+    import weakref
+
+    model, x, labels, target = zoo_batch
+    layers = LayerGradients(model, dict(model.named_parameters()))
+    out = torch.empty(B, layers.num_params)
+    seen = [weakref.ref(out)]
+    handle = model.down.register_forward_hook(lambda mod, args, output: seen.append(weakref.ref(output)))
+    try:
+        layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B, out)
+    finally:
+        handle.remove()
+    del out
+    gc.collect()
+    assert len(seen) == 2 and all(ref() is None for ref in seen)
+
+
 def test_a_subset_of_parameters_and_an_unused_layer(zoo_batch):
     """Only the selected parameters are hooked; a layer the loss never reaches gets an exact zero gradient, and
     the model's requires_grad flags and hooks are as before, also when the forward raises."""
