@@ -27,9 +27,8 @@ Notes
 -----
 * The engine puts the model in ``eval()`` mode and, when it contains diffusers ``Attention`` modules, switches
   them to the classic ``AttnProcessor`` (SDPA has no CPU batching rule for ``vmap``; both backends then run the
-  same arithmetic).  Both are numerically
-  equivalent to training-time behaviour up to float rounding (no dropout is used by the papers' models at
-  attribution time).
+  same arithmetic).  Both are numerically equivalent to training-time behaviour up to float rounding (no dropout
+  is used by the papers' models at attribution time).
 * The selected parameters are *views* of the model's own tensors (``detach()`` shares storage), so
   ``model.load_state_dict(checkpoint)`` between calls (TracIn over checkpoints) is picked up without rebuilding.
 * Results are deterministic for a fixed batch: running a shard with the same row boundaries reproduces the

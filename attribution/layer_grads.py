@@ -1,7 +1,7 @@
 """Per-sample parameter gradients from one ordinary batched forward and backward pass (issue 8).
 
 A layer's weight gradient is a sum over the batch of products of the gradient at its output with its input
-(Linear; Conv2d after unfolding) or with its normalised input (GroupNorm, LayerNorm).  Keeping that sum per sample
+(Linear, Conv2d) or with its normalised input (GroupNorm, LayerNorm).  Keeping that sum per sample
 instead of over the whole batch takes the same multiply-adds, so per-sample gradients cost one batched forward,
 the backward through the activations (the summed weight gradients are never computed: nothing asks for them) and
 one batched matmul per layer: the work of a single forward+backward pass of the batch, the physical limit.
