@@ -242,3 +242,25 @@ def test_cross_attention_unet_and_lora_match_the_autograd_loop(lora):
         _close(engine.averaged_grads(x0, t, eps, cond), ref)
     if lora:
         assert all(".lora_" in n for n in names)
+
+
+def test_a_group_norm_that_starts_the_graph_recomputes_its_statistics():
+    """The first layer's output is where the differentiated graph starts (no autograd node): the GroupNorm rule
+    then recomputes mean and rstd instead of reading the node's saved ones."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.GroupNorm(2, 4), nn.SiLU(), nn.Conv2d(4, 2, 3, padding=1))
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(4))
+        model[0].bias.add_(torch.randn(4))
+    x = 3 * torch.randn(M * B, 4, 5, 5) + 1
+    names = [n for n, _ in model.named_parameters()]
+    layers = LayerGradients(model, dict(model.named_parameters()))
+    out = torch.empty(B, layers.num_params)
+    layers.compute(lambda: (model(x) ** 2).sum(), B, out)
+    params = dict(model.named_parameters())
+    ref = []
+    for b in range(B):
+        own = torch.arange(b, M * B, B)
+        grads = torch.autograd.grad((model(x[own]) ** 2).sum(), [params[n] for n in names])
+        ref.append(torch.cat([g.reshape(-1) for g in grads]))
+    _close(out, torch.stack(ref))
