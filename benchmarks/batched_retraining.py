@@ -23,12 +23,9 @@ of every variant to compare their weights and loss curves with sequential traini
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import multiprocessing
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -37,6 +34,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import feature_throughput as ft  # noqa: E402  (the shared results header)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -149,17 +149,10 @@ def startup_seconds() -> float:
 def environment(argv: list[str]) -> dict:
     from importlib.metadata import version
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    exe = Path(sys.executable)
-    exe_s = os.path.relpath(exe, REPO) if exe.is_relative_to(REPO) else str(exe)
+    header = ft.run_header("batched_retraining.py", argv)
     niceness = os.nice(0)
-    return dict(command=(f"nice -n {niceness} " if niceness else "") + shlex.join([exe_s, "benchmarks/batched_retraining.py",
-                                                                                  *argv]),
-                niceness=niceness,
-                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                torch=version("torch"), diffusers=version("diffusers"), python=platform.python_version(),
-                cpu=cpu, cpu_count=os.cpu_count(), loadavg_at_start=[round(v, 2) for v in os.getloadavg()])
+    return dict(header, command=(f"nice -n {niceness} " if niceness else "") + header["command"], niceness=niceness,
+                torch=version("torch"), diffusers=version("diffusers"))
 
 
 def summarize(records: list[dict]) -> list[dict]:
