@@ -188,6 +188,7 @@ class LayerGradients:
             numel = named[n].numel()
             self.layers.setdefault(module, {})[attr] = (offset, numel)
             offset += numel
+        self._rules = {module: _rule(module) for module in self.layers}
         self.num_params = offset
         self._all_params = list(model.parameters())
         self._zero_cache: dict[tuple, Tensor] = {}
@@ -218,7 +219,7 @@ class LayerGradients:
         def accumulate(module: nn.Module, x: Tensor, node, g: Tensor) -> None:
             if g.shape[0] % samples:
                 raise ValueError(f"a layer saw {g.shape[0]} rows, not a multiple of the {samples} samples")
-            parts = _rule(module)(module, x, g, samples, node, self._zeros)
+            parts = self._rules[module](module, x, g, samples, node, self._zeros)
             for attr, (offset, numel) in self.layers[module].items():
                 dst, part = out[:, offset : offset + numel], parts[attr].reshape(samples, numel)
                 if add or (module, attr) in written:
