@@ -9,11 +9,40 @@ from contextlib import contextmanager
 
 
 def configure_torch(threads: int = 1) -> None:
-    """One OpenMP thread per process by default: two threads on this 2-vCPU class of machine ran 10-25x slower."""
+    """One OpenMP thread per process by default: two threads on this 2-vCPU class of machine ran 10-25x slower.
+    Freed memory is kept for reuse (:func:`retain_freed_memory`)."""
     import torch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
+    retain_freed_memory()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+RETAINED_BYTES = (1 << 31) - 1  # at most ~2 GiB of freed memory is kept at the top of the heap
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc malloc keep freed memory for reuse instead of handing it back to the OS after every batch.
+
+    Per-sample gradients and training steps allocate and free the same tens of MiB to GiB on every batch.  By
+    default glibc serves blocks above an adaptive threshold (at most 32 MiB) with mmap and unmaps them on free, so
+    the next batch page-faults all of that memory in again: 1.3-1.4 million faults (5 GiB) per batch of 32 on the
+    1.1M-parameter benchmark model, a third of its time on a VM.  Here every block comes from the heap and up to
+    ``RETAINED_BYTES`` of freed memory stay mapped, so a steady batch loop faults nothing once warm.  The price is
+    heap fragmentation: peak RSS of that benchmark grew from 3.6 to 4.3 GiB; memory stays bounded and independent
+    of the number of batches.  Returns False where glibc's mallopt is not available (other C libraries, other
+    systems): nothing changes there.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, RETAINED_BYTES))
 
 
 _THREAD_LOCK = threading.RLock()

@@ -59,9 +59,9 @@ VARIANTS = {
 
 
 def _init_worker() -> None:
-    import torch
+    from attribution.runtime import configure_torch
 
-    torch.set_num_threads(1)
+    configure_torch(1)
 
 
 def _subsets(first: int, m: int) -> list[np.ndarray]:

@@ -34,12 +34,13 @@ def main() -> None:
     from attribution.experiment import load_experiment
     from attribution.groups import build_groups, half_coalitions
     from attribution.models import count_parameters
+    from attribution.runtime import configure_torch
     from attribution.training import train_ddpm
     from storage.datasets import load_image_dataset
     from storage.models import StoredModel
     from storage.resources import StorageResource
 
-    torch.set_num_threads(1)
+    configure_torch(1)  # the pipeline steps' process set-up
     exp = load_experiment(args.experiment)
     sh = exp.shapley
     paths = StorageResource().paths(exp.name)

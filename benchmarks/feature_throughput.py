@@ -127,9 +127,12 @@ def measure(warm_up, run, reps: int) -> dict:
 
 
 def _init_torch(threads: int):
+    """The pipeline steps' process set-up (threads, retained freed memory), so timings are what a step sees."""
     import torch
 
-    torch.set_num_threads(threads)
+    from attribution.runtime import configure_torch
+
+    configure_torch(threads)
     return torch
 
 
@@ -551,8 +554,9 @@ def render(s: Settings, env: dict, records: list[dict], total_s: float) -> str:
         f"- command: `{env['command']}`",
         f"- date: {env['date']}; total runtime {total_s:.0f} s",
         f"- torch {env['torch']}, diffusers {env['diffusers']}, traker {env['traker']}, Python {env['python']}",
-        f"- threads: torch.set_num_threads({env['threads']}) in every process (Featurizer.rows and the dense "
-        "projections force one thread anyway)",
+        f"- process set-up: `attribution.runtime.configure_torch({env['threads']})` in every process, as in "
+        "pipeline steps: torch threads, and freed memory kept for reuse (Featurizer.rows and the dense projections "
+        "force one thread anyway)",
         f"- machine: {env['cpu']}, {env['cpu_count']} logical CPUs; load average at start "
         f"{env['loadavg_at_start']}, at end {env['loadavg_at_end']} (shared machine: other work ran concurrently, "
         "so times carry some contention noise)",

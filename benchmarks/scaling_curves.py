@@ -102,13 +102,13 @@ def _measure(warm_up, run, reps: int) -> dict:
 
 
 def _model(name: str):
-    """(unet, NoiseSchedule) for a MODELS entry, weights seeded."""
-    import torch
-
-    torch.set_num_threads(THREADS)
+    """(unet, NoiseSchedule) for a MODELS entry, weights seeded; the process gets the pipeline steps' set-up."""
     from attribution.experiment import ModelSpec
     from attribution.models import build_scheduler, build_unet
     from attribution.outputs import NoiseSchedule
+    from attribution.runtime import configure_torch
+
+    configure_torch(THREADS)
 
     m = MODELS[name]
     spec = ModelSpec(**m["spec"])
@@ -497,8 +497,8 @@ def render(s: Settings, env: dict, records: list[dict], total_s: float) -> str:
         f"- date: {env['date']}; total runtime {total_s:.0f} s",
         f"- torch {env['torch']}, diffusers {env['diffusers']}, zarr {env['zarr']}, numpy {env['numpy']}, "
         f"Python {env['python']}",
-        f"- threads: torch.set_num_threads({env['threads']}) in every process (Featurizer.rows forces one thread "
-        "anyway)",
+        f"- process set-up: `attribution.runtime.configure_torch({env['threads']})` in every process, as in "
+        "pipeline steps (Featurizer.rows forces one thread anyway)",
         f"- machine: {env['cpu']}, {env['cpu_count']} logical CPUs; load average at start {env['loadavg_at_start']}, "
         f"at end {env['loadavg_at_end']} (a load well above 0 means other work ran concurrently and times carry "
         "contention noise)",
