@@ -82,13 +82,15 @@ class Settings:
     compare_batch: int
     big_dense: bool
     threads: int
+    rounds: dict = None  # interleaved rounds per model
 
     @classmethod
     def from_args(cls, args) -> "Settings":
         if args.quick:
-            return cls(True, 1, 128, {"small": (4,), "1M": (2,)}, 16, (32, 128), 4, args.big_dense, args.threads)
+            return cls(True, 1, 128, {"small": (4,), "1M": (2,)}, 16, (32, 128), 4, args.big_dense, args.threads,
+                       {"small": 2, "1M": 1})
         return cls(False, args.reps, 2048, {"small": (32, 64), "1M": (32,)}, 64, (512, 2048), 32, args.big_dense,
-                   args.threads)
+                   args.threads, {"small": 12, "1M": 4})
 
 
 # ---------------------------------------------------------------------------------------------- child-side helpers
@@ -346,6 +348,36 @@ def task_fidelity(rows: int, ks: tuple, threads: int) -> dict:
     return dict(base, results=results, trak_note=note)
 
 
+def task_interleaved(model: str, batch: int, k: int, rounds: int, threads: int) -> dict:
+    """The fwd+bwd limit, the gradients and the countsketch features in one process, timed round by round in a
+    rotating order: a ratio taken within a round cancels the machine's drift (shared VM: the same call varies by
+    10-30% over minutes), which separate processes run minutes apart cannot."""
+    torch = _init_torch(threads)
+    from attribution.gradients import GradientEngine
+    from attribution.methods import Featurizer
+
+    unet, schedule, _ = _model(model)
+    x = _images(model, batch)
+    ids = list(range(batch))
+    engine = GradientEngine(unet, schedule, "square")
+    feat = Featurizer(unet, schedule, _dtrak_recipe(), projector="countsketch", proj_dim=k, proj_seed=SEED,
+                      noise_seed=SEED)
+    calls = {"limit": limit_step(unet, schedule, torch.from_numpy(x), K_TIMESTEPS),
+             "gradients": lambda: _dtrak_grads(engine, x, ids), "features": lambda: feat.rows(x, ids)}
+    for fn in calls.values():
+        fn()
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % 3:] + names[: r % 3]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            calls[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return dict(wall=wall, cpu=cpu, params=engine.num_params, backend=engine.backend)
+
+
 def task_compare(batch: int, k: int, reps: int, threads: int) -> dict:
     """Projection time per batch on the same gradient matrix (ours vs traker BasicProjector), and traker-style
     featurization (our GradientEngine gradients + BasicProjector) end to end, on the small model."""
@@ -410,6 +442,10 @@ def plan(s: Settings) -> list[tuple]:
                     continue
                 jobs.append(("features", task_features,
                              dict(model=model, batch=b, projector=proj, k=s.k, reps=s.reps, threads=s.threads)))
+    for model, batches in s.batches.items():
+        for b in batches:
+            jobs.append(("interleaved", task_interleaved,
+                         dict(model=model, batch=b, k=s.k, rounds=s.rounds[model], threads=s.threads)))
     jobs.append(("fidelity", task_fidelity, dict(rows=s.fidelity_rows, ks=s.fidelity_ks, threads=s.threads)))
     jobs.append(("compare", task_compare, dict(batch=s.compare_batch, k=s.k, reps=s.reps, threads=s.threads)))
     return jobs
@@ -490,6 +526,28 @@ def throughput_table(rows: list[dict]) -> list[str]:
             out.append(head + f"| {_fmt(r['seconds'], 3)} | {_fmt(r['rate'], 1)} | "
                               f"{_fmt(r['rate'] / K_TIMESTEPS, 2)} | {ratio} | {_fmt(r['rss'], 0)} | "
                               f"{'n/a' if r['rss_batch'] is None else _fmt(r['rss_batch'], 0)} | {r['reps']} |")
+    return out
+
+
+def interleaved_table(records: list[dict]) -> list[str]:
+    """Per-round ratios limit time / configuration time, their median (and range) over the rounds."""
+    out = ["| model (params) | batch | rounds | limit s (median) | gradients / limit | countsketch features / limit "
+           "| same, by CPU time |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def ratios(times: dict, name: str) -> list[float]:
+        return [lim / t for lim, t in zip(times["limit"], times[name])]
+
+    def cell(v: list[float]) -> str:
+        return f"**{statistics.median(v):.3f}** ({min(v):.2f}-{max(v):.2f})"
+
+    for r in (r for r in records if r["section"] == "interleaved"):
+        head = f"| {r['model']} ({r.get('params', 0):,}) | {r['batch']} | {r['rounds']} "
+        if r.get("error"):
+            out.append(head + f"| failed: {r['error']} | | | |")
+            continue
+        out.append(head + f"| {_median(r['wall']['limit']):.3f} | {cell(ratios(r['wall'], 'gradients'))} | "
+                          f"{cell(ratios(r['wall'], 'features'))} | {cell(ratios(r['cpu'], 'features'))} |")
     return out
 
 
@@ -583,6 +641,16 @@ def render(s: Settings, env: dict, records: list[dict], total_s: float) -> str:
         "## Feature throughput and memory",
         "",
         *throughput_table(rows),
+        "",
+        "## Throughput relative to the limit, interleaved in one process",
+        "",
+        "The limit, the gradients alone (GradientEngine.averaged_grads) and the countsketch features "
+        "(Featurizer.rows), each warmed up once, then timed in rounds of one call each (rotating order) in a single "
+        "fresh process; each ratio is taken within a round (limit time / configuration time; > 1 = faster than the "
+        "limit), and the table gives the median over rounds (range in brackets). This cancels the machine's drift "
+        "between the separate processes of the table above, which run minutes apart.",
+        "",
+        *interleaved_table(records),
         "",
         f"## Projection fidelity (small model, {s.fidelity_rows} samples, D-TRAK gradients, "
         f"all {s.fidelity_rows * (s.fidelity_rows - 1) // 2} pairs i<j)",
