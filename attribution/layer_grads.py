@@ -30,12 +30,12 @@ __all__ = ["LayerGradients", "unsupported"]
 # per-sample gradients of a convolution or a group norm are that op's ordinary weight gradient with the samples as
 # groups: one library call over free views, summed over the m copies by the library itself.
 #
-# A rule maps (module, input, output gradient, samples, autograd node of the output or None, zeros) to the
-# gradients of the module's parameters, each (samples, *parameter shape); zeros(shape, like) is a cached zero
-# tensor for arguments whose values a kernel never reads.
+# A rule maps (module, input, output gradient, samples, zeros) to the gradients of the module's parameters, each
+# (samples, *parameter shape); zeros(shape, like) is a cached zero tensor for arguments whose values a kernel never
+# reads.
 
 
-def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
+def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, zeros) -> dict[str, Tensor]:
     x = x.reshape(-1, B, x[0].numel() // x.shape[-1], x.shape[-1])
     g = g.reshape(-1, B, g[0].numel() // g.shape[-1], g.shape[-1])
     out = {"weight": torch.einsum("mblo,mbli->boi", g, x)}
@@ -44,7 +44,7 @@ def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, node, zeros) -> dic
     return out
 
 
-def _conv2d(module: nn.Conv2d, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
+def _conv2d(module: nn.Conv2d, x: Tensor, g: Tensor, B: int, zeros) -> dict[str, Tensor]:
     x, g, w = x.contiguous(), g.contiguous(), module.weight  # raw aten kernels below: give them plain layouts
     O, C = w.shape[0] // module.groups, w.shape[1]  # channels per group
     m = x.shape[0] // B
@@ -89,22 +89,58 @@ def _same_size(module: nn.Conv2d) -> bool:
             and all(n % 2 == 1 for n in k) and tuple(module.padding) == (k[0] // 2, k[1] // 2))
 
 
-def _group_norm(module: nn.GroupNorm, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
+def _group_norm(module: nn.GroupNorm, x: Tensor, g: Tensor, B: int, zeros) -> dict[str, Tensor]:
+    """Only where the differentiated graph starts at this layer (see _PerSampleGroupNorm for the others)."""
     C, G = module.num_channels, module.num_groups
     m, hw = x.shape[0] // B, x[0, 0].numel()
     # the CPU kernel reads garbage from a non-contiguous gradient (e.g. the expanded ones of a .sum() loss)
     xs, gs = x.reshape(m, B * C, hw).contiguous(), g.reshape(m, B * C, hw).contiguous()
-    if type(node).__name__ == "NativeGroupNormBackward0":  # the forward's own statistics, (m*B, G) = (m, B*G)
-        mean, rstd = node._saved_result1, node._saved_result2
-    else:
-        _, mean, rstd = torch.native_group_norm(xs, None, None, m, B * C, hw, B * G, module.eps)
+    _, mean, rstd = torch.native_group_norm(xs, None, None, m, B * C, hw, B * G, module.eps)
     _, dw, db = torch.ops.aten.native_group_norm_backward(  # the kernel wants a weight; dX is not asked for
-        gs, xs, mean.reshape(m, B * G), rstd.reshape(m, B * G), zeros((B * C,), x), m, B * C, hw, B * G,
-        [False, True, True])
+        gs, xs, mean, rstd, zeros((B * C,), x), m, B * C, hw, B * G, [False, True, True])
     return {"weight": dw.reshape(B, C), "bias": db.reshape(B, C)}
 
 
-def _layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
+class _PerSampleGroupNorm(torch.autograd.Function):
+    """A GroupNorm whose backward also yields each sample's weight and bias gradients.
+
+    dX needs, per row and channel, the sums of g*x and g over the pixels; the per-sample weight gradients are those
+    same sums.  Viewed as (m, B*C, pixels) with B*G groups and the weight repeated B times, one
+    native_group_norm_backward call returns dX (each sample's groups use the same weight: the ordinary dX) and the
+    per-sample gradients from the one pass over x and g that dX needs anyway, instead of a second pass in a rule.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, module: nn.GroupNorm, samples: int, store: Callable) -> Tensor:
+        x = x.contiguous()
+        N, C, hw = x.shape[0], x.shape[1], x[0, 0].numel()
+        y, mean, rstd = torch.native_group_norm(x, module.weight, module.bias, N, C, hw, module.num_groups,
+                                                module.eps)
+        ctx.save_for_backward(x, mean, rstd)
+        ctx.module, ctx.samples, ctx.store = module, samples, store
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, mean, rstd = ctx.saved_tensors
+        module, B = ctx.module, ctx.samples
+        C, G, hw = module.num_channels, module.num_groups, x[0, 0].numel()
+        m = _copies(x.shape[0], B)
+        weight = None if module.weight is None else module.weight.detach().repeat(B)
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            gy.contiguous().view(m, B * C, hw), x.view(m, B * C, hw), mean.view(m, B * G), rstd.view(m, B * G),
+            weight, m, B * C, hw, B * G, [ctx.needs_input_grad[0], True, True])
+        ctx.store(module, {"weight": dw.view(B, C), "bias": db.view(B, C)})
+        return (None if dx is None else dx.view(x.shape)), None, None, None
+
+
+def _copies(rows: int, samples: int) -> int:
+    if rows % samples:
+        raise ValueError(f"a layer saw {rows} rows, not a multiple of the {samples} samples")
+    return rows // samples
+
+
+def _layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor, B: int, zeros) -> dict[str, Tensor]:
     shape = tuple(module.normalized_shape)
     lead = (-1, B, g[0].numel() // math.prod(shape)) + shape  # (copies, samples, positions, *shape)
     out = {"weight": (g * F.layer_norm(x, shape, eps=module.eps)).reshape(lead).sum((0, 2))}
@@ -113,7 +149,7 @@ def _layer_norm(module: nn.LayerNorm, x: Tensor, g: Tensor, B: int, node, zeros)
     return out
 
 
-def _embedding(module: nn.Embedding, idx: Tensor, g: Tensor, B: int, node, zeros) -> dict[str, Tensor]:
+def _embedding(module: nn.Embedding, idx: Tensor, g: Tensor, B: int, zeros) -> dict[str, Tensor]:
     rows = idx.reshape(-1, B, idx[0].numel())
     owner = torch.arange(B, device=idx.device).view(1, B, 1).expand_as(rows)
     out = g.new_zeros((B,) + tuple(module.weight.shape))
@@ -217,10 +253,7 @@ class LayerGradients:
         pending: list[tuple[nn.Module, Tensor]] = []  # source layers: their gradient comes back from autograd
         written: set[tuple[nn.Module, str]] = set()
 
-        def accumulate(module: nn.Module, x: Tensor, node, g: Tensor) -> None:
-            if g.shape[0] % samples:
-                raise ValueError(f"a layer saw {g.shape[0]} rows, not a multiple of the {samples} samples")
-            parts = self._rules[module](module, x, g, samples, node, self._zeros)
+        def store(module: nn.Module, parts: dict[str, Tensor]) -> None:
             for attr, (offset, numel) in self.layers[module].items():
                 dst, part = out[:, offset : offset + numel], parts[attr].reshape(samples, numel)
                 if add or (module, attr) in written:
@@ -229,6 +262,17 @@ class LayerGradients:
                     dst.copy_(part)
                     written.add((module, attr))
 
+        def accumulate(module: nn.Module, x: Tensor, g: Tensor) -> None:
+            _copies(g.shape[0], samples)
+            store(module, self._rules[module](module, x, g, samples, self._zeros))
+
+        def start(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+            """Nothing upstream is differentiated: the graph starts at this layer's output."""
+            leaf = output.detach().requires_grad_(True)
+            sources.append(leaf)
+            pending.append((module, x))
+            return leaf
+
         def forward_hook(module: nn.Module, args: tuple, output: Tensor):
             x = args[0].detach()
             if output.requires_grad:
@@ -236,18 +280,27 @@ class LayerGradients:
                 # cycle through C++ that Python's gc cannot see: the whole graph would leak, every call) nor to x
                 # after use (autograd frees a layer's saved input once its backward ran; so must we).  held is
                 # emptied by the hook, or in the finally below when the hook never ran.
-                held = [x, output.grad_fn]
+                held = [x]
                 holders.append(held)
                 output.register_hook(lambda g: accumulate(module, *_take(held), g))
                 return None
-            # nothing upstream is differentiated: the graph starts at this output
-            leaf = output.detach().requires_grad_(True)
-            sources.append(leaf)
-            pending.append((module, x))
-            return leaf
+            return start(module, x, output)
+
+        def group_norm_forward(module: nn.GroupNorm) -> Callable[[Tensor], Tensor]:
+            def forward(x: Tensor) -> Tensor:
+                if x.requires_grad:
+                    return _PerSampleGroupNorm.apply(x, module, samples, store)
+                return start(module, x.detach(), type(module).forward(module, x))
+            return forward
 
         flags = [(p, p.requires_grad) for p in self._all_params]
-        handles = [m.register_forward_hook(forward_hook) for m in self.layers]
+        handles, patched = [], []
+        for module in self.layers:
+            if self._rules[module] is _group_norm and "forward" not in vars(module):
+                module.forward = group_norm_forward(module)
+                patched.append(module)
+            else:
+                handles.append(module.register_forward_hook(forward_hook))
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
@@ -258,12 +311,14 @@ class LayerGradients:
                 grads = torch.autograd.grad(loss, sources, allow_unused=True)
             for (module, x), g in zip(pending, grads):
                 if g is not None:
-                    accumulate(module, x, None, g)
+                    accumulate(module, x, g)
         finally:
             for held in holders:
                 held.clear()
             for h in handles:
                 h.remove()
+            for module in patched:
+                del module.forward
             for p, flag in flags:
                 p.requires_grad_(flag)
         if not add:  # parameters the loss does not depend on have zero gradient

@@ -153,6 +153,7 @@ def test_a_subset_of_parameters_and_an_unused_layer(zoo_batch):
         layers.compute(boom, B, out)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert all(not m._forward_hooks for m in model.modules())
+    assert all("forward" not in vars(m) for m in model.modules())  # group norms' per-sample forward removed
     model.proj.weight.requires_grad_(True)
 
 
