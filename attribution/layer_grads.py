@@ -38,7 +38,15 @@ __all__ = ["LayerGradients", "unsupported"]
 def _linear(module: nn.Linear, x: Tensor, g: Tensor, B: int, zeros) -> dict[str, Tensor]:
     x = x.reshape(-1, B, x[0].numel() // x.shape[-1], x.shape[-1])
     g = g.reshape(-1, B, g[0].numel() // g.shape[-1], g.shape[-1])
-    out = {"weight": torch.einsum("mblo,mbli->boi", g, x)}
+    if x.shape[2] >= 8:
+        # a token sequence: one batched matmul per copy, reading its rows in place (half the time of the einsum,
+        # which first copies both operands into a sample-major layout)
+        dw = torch.bmm(g[0].transpose(1, 2), x[0])
+        for i in range(1, x.shape[0]):
+            dw.baddbmm_(g[i].transpose(1, 2), x[i])
+        out = {"weight": dw}
+    else:  # one position per row (time embeddings): the einsum's single matmul wins
+        out = {"weight": torch.einsum("mblo,mbli->boi", g, x)}
     if module.bias is not None:
         out["bias"] = g.sum((0, 2))
     return out
