@@ -185,7 +185,8 @@ def render(env: dict, settings: dict, summary: list[dict], fid: list[dict], star
         f"- command: `{env['command']}`",
         f"- date: {env['date']}; total runtime {total:.0f} s",
         f"- torch {env['torch']}, diffusers {env['diffusers']}, Python {env['python']}",
-        f"- machine: {env['cpu']}, {env['cpu_count']} logical CPUs; one torch thread per process (`configure_torch(1)`, as in pipeline steps: freed memory is kept for reuse); load average at "
+        f"- machine: {env['cpu']}, {env['cpu_count']} logical CPUs; one torch thread per process "
+        "(`configure_torch(1)`, as in pipeline steps: freed memory is kept for reuse); load average at "
         f"start {env['loadavg_at_start']}, at end {env['loadavg_at_end']}",
         ("- **shared machine**: other work ran concurrently (the benchmark itself ran under `nice -n "
          f"{env['niceness']}`), so absolute numbers carry contention; " if env.get("niceness") else
