@@ -26,14 +26,14 @@ RETAINED_BYTES = (1 << 31) - 1  # at most ~2 GiB of freed memory is kept at the 
 def retain_freed_memory() -> bool:
     """Have glibc malloc keep freed memory for reuse instead of handing it back to the OS after every batch.
 
-    Per-sample gradients and training steps allocate and free the same tens of MiB to GiB on every batch.  By
-    default glibc serves blocks above an adaptive threshold (at most 32 MiB) with mmap and unmaps them on free, so
-    the next batch page-faults all of that memory in again: 1.3-1.4 million faults (5 GiB) per batch of 32 on the
-    1.1M-parameter benchmark model, a third of its time on a VM.  Here every block comes from the heap and up to
-    ``RETAINED_BYTES`` of freed memory stay mapped, so a steady batch loop faults nothing once warm.  The price is
-    heap fragmentation: peak RSS of that benchmark grew from 3.6 to 4.3 GiB; memory stays bounded and independent
-    of the number of batches.  Returns False where glibc's mallopt is not available (other C libraries, other
-    systems): nothing changes there.
+    Per-sample gradients and training steps allocate and free the same tens of MiB to GiB on every batch. By default
+    glibc serves blocks above an adaptive threshold (at most 32 MiB) with mmap and unmaps them on free, so the next
+    batch page-faults all of that memory in again: 1.5 million faults (5.7 GiB) per batch of 32 on the
+    1.1M-parameter benchmark model, 9-38% of its time on a VM (benchmarks/page_faults.py). Here every block comes
+    from the heap and up to ``RETAINED_BYTES`` of freed memory stay mapped, so a steady batch loop faults nothing
+    once warm. The price is heap fragmentation: peak RSS of that benchmark grows from 3.6 to 4.3 GiB; memory stays
+    bounded and independent of the number of batches. Returns False where glibc's mallopt is not available (other C
+    libraries, other systems): nothing changes there.
     """
     import ctypes
 
