@@ -9,7 +9,8 @@ one batched matmul per layer: the work of a single forward+backward pass of the 
 A sample may own ``m`` rows of the batch (its noised copies at m timesteps); its gradient is the sum over those
 rows, which folds into the same matmul.
 
-Modules are hooked only while :meth:`LayerGradients.compute` runs.  :func:`unsupported` names the selected
+Modules are hooked only while :meth:`LayerGradients.compute` runs (a GroupNorm's forward is swapped for one whose
+backward yields dX and the per-sample gradients together).  :func:`unsupported` names the selected
 parameters that live in any other kind of module (or are shared between modules); such models are left to the
 ``torch.func`` path of :class:`attribution.gradients.GradientEngine`.
 """
