@@ -25,7 +25,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         kinds={"pytorch", "zarr"},
         pool=ACCELERATOR_POOL,
         deps=[key(exp, explained_model(exp)), key(exp, "training_set"), key(exp, "query_set")],
-        code_version=code_version("2", exp, "attribution"),
+        code_version=code_version("3", exp, "attribution"),
         description=f"Projected per-sample gradient features for '{name}' ({method.kind}, output {method.output}, "
                     f"K={method.K}, {a.projector} projection to k={a.proj_dim}): zarr stores for the training and "
                     "query sets, written shard by shard with a completion mask.",
