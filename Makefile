@@ -26,8 +26,9 @@ $(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 run: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pipelines.run $(EXPERIMENT)
 
+# One worker per logical core; a test file stays on one worker, so a module's materialized experiment is built once.
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n logical --dist loadfile
 
 ui: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
