@@ -54,6 +54,7 @@ BACKENDS = ("auto", "layers", "vmap")
 
 # eps for averaged_grads: a tensor (B, K, C, H, W) or (B, K, R, C, H, W), or eps_fn(t, row) / eps_fn(t, row, draw)
 EpsSource = Tensor | Callable[..., Tensor]
+Grads = Tensor | list  # (B, p) matrix, or its per-parameter (B, numel) column blocks (see GradientEngine.blocks)
 
 
 def select_parameters(
@@ -194,26 +195,27 @@ class GradientEngine:
         return {n: v.reshape(lead + tuple(s)) for n, v, s in zip(self.param_names, parts, self.param_shapes)}
 
     def _grads_multi(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None, scale: float = 1.0,
-                     out: Tensor | None = None) -> Tensor:
-        """x0 (B,C,H,W), t (B,m), eps (B,m,C,H,W) -> (B,p) scale * gradient of sum_m f per sample (added into
-        ``out`` when given)."""
+                     out: Grads | None = None) -> Grads:
+        """x0 (B,C,H,W), t (B,m), eps (B,m,C,H,W) -> scale * gradient of sum_m f per sample (added into ``out``
+        when given): (B, p) float32 from the vmap backend, per-parameter (B, numel) blocks from the layer one."""
         if self._layers is None:
             g = self.flatten(self._batched_grad(cond is not None)(self.params, x0, t, eps, cond))
             g = g if scale == 1.0 else g.mul_(scale)
             return g if out is None else out.add_(g)
         B = x0.shape[0]
-        add = out is not None
-        if out is None:
-            out = torch.empty(B, self.num_params, dtype=torch.float32, device=x0.device)
         step = self.chunk_size or B
+        if step >= B:
+            return self._layer_grads(x0, t, eps, cond, scale, out)
+        if out is None:
+            out = [torch.zeros(B, n, dtype=torch.float32, device=x0.device) for n in self.param_numels]
         for s in range(0, B, step):
             rows = slice(s, min(B, s + step))
             c = None if cond is None else cond[rows]
-            self._layer_grads(x0[rows], t[rows], eps[rows], c, scale, out[rows], add)
+            self._layer_grads(x0[rows], t[rows], eps[rows], c, scale, [o[rows] for o in out])
         return out
 
-    def _layer_grads(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None, scale: float, out: Tensor,
-                     add: bool) -> None:
+    def _layer_grads(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None, scale: float,
+                     out: list[Tensor] | None) -> list[Tensor]:
         """The batched form of :meth:`_objective`: all B*m rows in one forward, per-sample sums by layer rules."""
         B, m = t.shape
         shape = tuple(x0.shape[1:])
@@ -227,7 +229,15 @@ class GradientEngine:
             total = self.output_fn(pred, e, tf, self.schedule).sum()
             return total if scale == 1.0 else total * scale
 
-        self._layers.compute(loss, B, out, add)
+        return self._layers.compute(loss, B, out)
+
+    def dense(self, g: Grads) -> Tensor:
+        """Gradients as one (B, p) float32 matrix."""
+        return g if isinstance(g, Tensor) else torch.cat(g, dim=1).to(torch.float32)
+
+    def blocks(self, g: Grads) -> list[Tensor]:
+        """Gradients as per-parameter (B, numel) column blocks in ``param_names`` order (views of a matrix)."""
+        return g if isinstance(g, list) else list(g.split(self.param_numels, dim=1))
 
     @staticmethod
     def _check(x0: Tensor, t: Tensor) -> None:
@@ -243,7 +253,7 @@ class GradientEngine:
         self._check(x0, t)
         if eps.shape != x0.shape:
             raise ValueError(f"eps shape {tuple(eps.shape)} != x0 shape {tuple(x0.shape)}")
-        return self._grads_multi(x0, t.reshape(-1, 1), eps.unsqueeze(1), cond)
+        return self.dense(self._grads_multi(x0, t.reshape(-1, 1), eps.unsqueeze(1), cond))
 
     def _eps_chunk(self, eps: EpsSource, x0: Tensor, t_sets: Tensor, ks: range, draws: int) -> Tensor:
         """(B, len(ks) * draws, C, H, W) noise for timestep columns ks, ordered (k, draw)."""
@@ -260,15 +270,10 @@ class GradientEngine:
             else:
                 raise ValueError(f"eps tensor must be (B,K,C,H,W) or (B,K,R,C,H,W), got {tuple(eps.shape)}")
             return e.to(dtype=x0.dtype, device=x0.device)
-        rows = []
-        for row in range(B):
-            per = []
-            for k in ks:
-                tk = int(t_sets[row, k])
-                for r in range(draws):
-                    per.append(eps(tk, row) if draws == 1 else eps(tk, row, r))
-            rows.append(torch.stack(per))
-        return torch.stack(rows).to(dtype=x0.dtype, device=x0.device)
+        per = [eps(t, row) if draws == 1 else eps(t, row, r)
+               for row, ts in enumerate(t_sets[:, ks.start : ks.stop].tolist()) for t in ts for r in range(draws)]
+        e = torch.stack(per)
+        return e.view((B, len(ks) * draws) + tuple(e.shape[1:])).to(dtype=x0.dtype, device=x0.device)
 
     def averaged_grads(
         self,
@@ -280,13 +285,16 @@ class GradientEngine:
         noise_draws: int = 1,
         normalize_per_timestep: bool = False,
         timestep_chunk: int | None = None,
-    ) -> Tensor:
+        blocks: bool = False,
+    ) -> Tensor | list[Tensor]:
         """(B, p) float32: (1/K) sum_k g_k with g_k = (1/R) sum_r grad f(x0, t_sets[:, k], eps_{k,r}).
 
         ``eps``: a tensor (B, K, C, H, W) (R = 1) or (B, K, R, C, H, W), or a callable ``eps_fn(t, row)``
         (``eps_fn(t, row, draw)`` when ``noise_draws > 1``) returning (C, H, W), row = index in this batch
         (see :func:`attribution.timesteps.common_noise_fn` / :func:`~attribution.timesteps.sample_noise_fn`).
         ``normalize_per_timestep``: divide each g_k by its L2 norm before averaging (Diffusion-ReTrac queries).
+        ``blocks``: return the same numbers as per-parameter column blocks (:meth:`blocks`), which the layer
+        backend produces without joining them into one matrix (a projector reads them as they are).
         """
         t_sets = torch.as_tensor(t_sets, dtype=torch.long)
         if t_sets.ndim != 2:
@@ -301,7 +309,8 @@ class GradientEngine:
             for k in range(K):
                 g = self._timestep_grad(x0, t_sets, eps, cond, k, R)
                 acc += g / _row_norms(g)
-            return acc.div_(K)
+            acc.div_(K)
+            return self.blocks(acc) if blocks else acc
         cap = max(1, (timestep_chunk or self.timestep_chunk) // R)
         tc = math.ceil(K / math.ceil(K / cap))  # near-equal chunks: no small remainder chunk
         acc = None
@@ -310,12 +319,12 @@ class GradientEngine:
             t_chunk = t_sets[:, ks.start : ks.stop].repeat_interleave(R, dim=1)
             e = self._eps_chunk(eps, x0, t_sets, ks, R)
             acc = self._grads_multi(x0, t_chunk, e, cond, scale=1.0 / (K * R), out=acc)
-        return acc
+        return self.blocks(acc) if blocks else self.dense(acc)
 
     def _timestep_grad(self, x0, t_sets, eps, cond, k: int, R: int) -> Tensor:
         t_chunk = t_sets[:, k : k + 1].repeat_interleave(R, dim=1)
         e = self._eps_chunk(eps, x0, t_sets, range(k, k + 1), R)
-        return self._grads_multi(x0, t_chunk, e, cond, scale=1.0 / R)
+        return self.dense(self._grads_multi(x0, t_chunk, e, cond, scale=1.0 / R))
 
     def query_grads_per_timestep(
         self,

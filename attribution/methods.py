@@ -150,12 +150,16 @@ class Featurizer:
         eps = common_noise_fn(self.noise_seed, shape) if r.noise == "common" else \
             sample_noise_fn(self.noise_seed, ids, shape)
         c = None if cond is None else torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32))
+        # column blocks: the projector reads the layer backend's per-parameter gradients where they lie
         grads = self.engine.averaged_grads(x, t_sets, eps, c, noise_draws=r.noise_draws,
-                                           normalize_per_timestep=r.normalize == "per_timestep")
+                                           normalize_per_timestep=r.normalize == "per_timestep", blocks=True)
         if r.normalize == "full":
-            grads = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            G = self.engine.dense(grads)
+            grads = [G / G.norm(dim=1, keepdim=True).clamp_min(1e-30)]
         if r.timesteps == "recorded":
-            grads[torch.as_tensor(np.asarray(t) < 0)] = 0.0
+            untrained = torch.as_tensor(np.asarray(t) < 0)
+            for g in grads:
+                g[untrained] = 0.0
         return self.projector.project(grads).numpy()
 
 

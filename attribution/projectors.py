@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -70,6 +71,10 @@ HASH_BLOCK = 1 << 16  # parameters per countsketch hash block
 SCATTER_CHUNK = 1 << 12  # columns per scatter_add_ call (speed only; does not change the result)
 DEFAULT_MAX_CACHE_BYTES = 256 << 20
 
+def _cpu_blocks(G: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [b.detach().cpu() for b in ([G] if isinstance(G, Tensor) else G)]
+
+
 def _generator(*key: int, domain: str) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(stable_seed(domain, *key))
@@ -91,14 +96,24 @@ class Projector(ABC):
         """Everything that determines P (store it with the features; compare it on reload)."""
         return {"name": self.name, "p": self.p, "k": self.k, "seed": self.seed}
 
-    def _check(self, G: Tensor) -> None:
-        if G.ndim != 2 or G.shape[1] != self.p:
-            raise ValueError(f"{self.name} projector expects (B, {self.p}) input, got {tuple(G.shape)}")
+    def _check(self, blocks: list[Tensor]) -> None:
+        if (not blocks or any(b.ndim != 2 for b in blocks) or len({b.shape[0] for b in blocks}) != 1
+                or sum(b.shape[1] for b in blocks) != self.p):
+            got = ", ".join(str(tuple(b.shape)) for b in blocks)
+            raise ValueError(f"{self.name} projector expects (B, {self.p}) input (or column blocks (B, p_i) that "
+                             f"add up to it), got {got or 'nothing'}")
 
-    def project(self, G: Tensor) -> Tensor:
-        """(B, p) -> (B, k) float32.  Row i of the result depends only on G[i] (bit for bit)."""
-        self._check(G)
-        return self._project64(G.detach().cpu()).to(torch.float32)
+    def project(self, G: Tensor | Sequence[Tensor]) -> Tensor:
+        """(B, p) -> (B, k) float32.  Row i of the result depends only on G[i] (bit for bit).  G may also be the
+        same matrix as its column blocks in order (:meth:`GradientEngine.blocks`): the same result, and
+        countsketch reads them without joining them first."""
+        blocks = _cpu_blocks(G)
+        self._check(blocks)
+        return self._project_blocks64(blocks).to(torch.float32)
+
+    def _project_blocks64(self, blocks: list[Tensor]) -> Tensor:
+        """Column blocks -> (B, k) float64: joined into one matrix, unless a projector reads blocks itself."""
+        return self._project64(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1))
 
     @abstractmethod
     def _project64(self, G: Tensor) -> Tensor:
@@ -119,9 +134,10 @@ class IdentityProjector(Projector):
             raise ValueError(f"identity projector needs k == p, got k={k}, p={p}")
         super().__init__(p, k, seed)
 
-    def project(self, G: Tensor) -> Tensor:
-        self._check(G)
-        return G.detach().cpu().to(torch.float32, copy=True)
+    def project(self, G: Tensor | Sequence[Tensor]) -> Tensor:
+        blocks = _cpu_blocks(G)
+        self._check(blocks)
+        return torch.cat(blocks, dim=1).to(torch.float32, copy=True)
 
     def _project64(self, G: Tensor) -> Tensor:
         return G.to(torch.float64)
@@ -223,6 +239,9 @@ class CountSketchProjector(Projector):
         super().__init__(p, k, seed)
         self.num_blocks = math.ceil(self.p / HASH_BLOCK)
         self._cache: dict[int, tuple[Tensor, Tensor]] | None = {} if 5 * self.p <= max_cache_bytes else None
+        # the hash of every column chunk of one block layout, ready for scatter_add_ (16 bytes/param)
+        self._plan: tuple[tuple, list] | None = None
+        self._cache_plan = 21 * self.p <= max_cache_bytes
 
     def spec(self) -> dict:
         return {**super().spec(), "hash_block": HASH_BLOCK}
@@ -245,20 +264,60 @@ class CountSketchProjector(Projector):
         return torch.cat([h.long() for h, _ in hs]), torch.cat([s.double() for _, s in hs])
 
     def _project64(self, G: Tensor) -> Tensor:
-        B = G.shape[0]
+        return self._project_blocks64([G])
+
+    def _hash_range(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """(buckets int64, signs float64) of columns [lo, hi)."""
+        parts = []
+        while lo < hi:
+            j, r = divmod(lo, HASH_BLOCK)
+            buckets, signs = self._hash(j)
+            n = min(hi - lo, buckets.shape[0] - r)
+            parts.append((buckets[r : r + n].to(torch.int64), signs[r : r + n].to(torch.float64)))
+            lo += n
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([b for b, _ in parts]), torch.cat([sg for _, sg in parts])
+
+    def _chunks(self, widths: tuple[int, ...]) -> list[tuple[list[tuple[int, int, int]], Tensor, Tensor]]:
+        """Column chunks of at most SCATTER_CHUNK columns over blocks of these widths: (pieces (block, start,
+        stop), buckets, signs).  Small blocks (biases, norms) share a chunk, so each costs no call of its own."""
+        if self._plan is not None and self._plan[0] == widths:
+            return self._plan[1]
+        chunks, pieces, lo, size = [], [], 0, 0
+        for i, w in enumerate(widths):
+            c = 0
+            while c < w:
+                n = min(w - c, SCATTER_CHUNK - size)
+                pieces.append((i, c, c + n))
+                c, size = c + n, size + n
+                if size == SCATTER_CHUNK:
+                    chunks.append((pieces, *self._hash_range(lo, lo + size)))
+                    pieces, lo, size = [], lo + size, 0
+        if size:
+            chunks.append((pieces, *self._hash_range(lo, lo + size)))
+        if self._cache_plan:
+            self._plan = (widths, chunks)
+        return chunks
+
+    def _project_blocks64(self, blocks: list[Tensor]) -> Tensor:
+        B = blocks[0].shape[0]
         out = torch.zeros(B, self.k, dtype=torch.float64)
         if B == 0:
             return out
-        # columns go in sub-chunks that keep the float64 source in cache; any chunking gives the same bits,
-        # because scatter_add_ adds each row's entries serially in ascending column order
-        for j in range(self.num_blocks):
-            lo = j * HASH_BLOCK
-            buckets, signs = self._hash(j)
-            for c in range(0, buckets.shape[0], SCATTER_CHUNK):
-                idx = buckets[c : c + SCATTER_CHUNK].to(torch.int64)
-                sgn = signs[c : c + SCATTER_CHUNK].to(torch.float64)
-                src = G[:, lo + c : lo + c + idx.shape[0]].to(torch.float64).mul_(sgn)
-                out.scatter_add_(1, idx.unsqueeze(0).expand(B, idx.shape[0]), src)
+        # chunks keep the float64 source in cache; any chunking gives the same bits, because scatter_add_ adds
+        # each row's entries serially in ascending column order
+        for pieces, buckets, signs in self._chunks(tuple(b.shape[1] for b in blocks)):
+            if len(pieces) == 1:
+                i, a, z = pieces[0]
+                src = blocks[i][:, a:z].to(torch.float64, copy=True)  # mul_ below must not touch the input
+            else:  # converted straight into one float64 buffer: as few passes over memory as for one block
+                src = torch.empty(B, buckets.shape[0], dtype=torch.float64)
+                c = 0
+                for i, a, z in pieces:
+                    src[:, c : c + z - a] = blocks[i][:, a:z]
+                    c += z - a
+            out.scatter_add_(1, buckets.unsqueeze(0).expand(B, buckets.shape[0]), src.mul_(signs))
         return out
 
 
@@ -281,7 +340,10 @@ class CountSketchGaussianProjector(Projector):
         return {**super().spec(), "m": self.m, "hash_block": HASH_BLOCK, "block_size": self.dense.block_size}
 
     def _project64(self, G: Tensor) -> Tensor:
-        return self.dense._project64(self.sketch._project64(G))
+        return self._project_blocks64([G])
+
+    def _project_blocks64(self, blocks: list[Tensor]) -> Tensor:
+        return self.dense._project64(self.sketch._project_blocks64(blocks))
 
 
 PROJECTORS: dict[str, type[Projector]] = {

@@ -16,6 +16,8 @@ import torch
 from attribution.gradients import GradientEngine, select_parameters
 from attribution.outputs import OUTPUT_FUNCTIONS, NoiseSchedule, get_output_function
 from attribution.projectors import (
+    HASH_BLOCK,
+    SCATTER_CHUNK,
     TILE_ROWS,
     CountSketchProjector,
     GaussianProjector,
@@ -127,7 +129,11 @@ def test_averaged_grads_equal_mean_of_per_timestep_grads(unet, schedule, batch, 
     per_t = torch.stack([engine.per_sample_grads(x0, t_sets[:, k], eps[:, k]) for k in range(K)], dim=1)
     mean = per_t.mean(1)
     for chunk in (1, 3, K):  # timestep chunking changes rounding only
-        _assert_grads_close(engine.averaged_grads(x0, t_sets, eps, timestep_chunk=chunk), mean)
+        dense = engine.averaged_grads(x0, t_sets, eps, timestep_chunk=chunk)
+        _assert_grads_close(dense, mean)
+        blocks = engine.averaged_grads(x0, t_sets, eps, timestep_chunk=chunk, blocks=True)
+        assert [tuple(b.shape) for b in blocks] == [(B, n) for n in engine.param_numels]
+        assert torch.equal(torch.cat(blocks, 1), dense)  # the same numbers, only not joined
     # per-timestep API returns exactly the per-timestep gradients, and the ReTrac normalisation
     q = engine.query_grads_per_timestep(x0, t_sets, eps)
     assert q.shape == (B, K, engine.num_params)
@@ -336,6 +342,24 @@ def test_projection_of_a_row_is_independent_of_batch_and_threads(unit_rows, name
     assert torch.get_num_threads() == before
     assert torch.equal(two, full)
     assert not torch.equal(make_projector(name, p, 256, seed=12).project(unit_rows[:4]), full[:4])
+
+
+@pytest.mark.parametrize("name", RANDOM_PROJECTORS + ["identity"])
+def test_projecting_column_blocks_equals_projecting_the_matrix(name):
+    """Blocks (a gradient per parameter) cut the columns anywhere, also across countsketch hash blocks and scatter
+    chunks: the projection is bit-identical to that of the joined matrix."""
+    p = HASH_BLOCK + 5000
+    G = torch.randn(3, p, generator=torch.Generator().manual_seed(4))
+    proj = make_projector(name, p, p if name == "identity" else 64, seed=5)
+    cuts = [0, 1, 7, SCATTER_CHUNK + 3, 3 * SCATTER_CHUNK, HASH_BLOCK - 2, HASH_BLOCK + 1, p]
+    blocks = [G[:, a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(proj.project(blocks), proj.project(G))
+    if name == "countsketch":  # and both are the sketch: an independent sum over the hash
+        h, sign = proj.buckets_and_signs()
+        sketch = torch.zeros(3, 64, dtype=torch.float64).index_add_(1, h, G.double() * sign)
+        torch.testing.assert_close(proj.project(blocks).double(), sketch, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=f"expects \\(B, {p}\\) input"):
+        proj.project(blocks[1:])
 
 
 def test_projectors_equal_their_explicit_matrices(unit_rows):

@@ -30,7 +30,7 @@ class Zoo(nn.Module):
         self.norm = nn.GroupNorm(3, 12)
         self.ln = nn.LayerNorm(12)
         self.proj = nn.Linear(12, 12)                                                    # on 16 tokens: bmm loop
-        self.head = nn.Linear(12, 12)                                                    # one position: einsum
+        self.head = nn.Linear(12, 12)                                          # one position: einsum; runs twice
         self.emb = nn.Embedding(5, 12, padding_idx=0)
         self.conv_out = nn.Conv2d(12, 2, 3, padding=1)                                   # O < 8: swapped roles
         with torch.no_grad():
@@ -42,7 +42,7 @@ class Zoo(nn.Module):
         h = self.norm(self.dilated(h))
         b, c, hh, ww = h.shape
         tokens = (self.proj(self.ln(h.flatten(2).transpose(1, 2))) + self.emb(labels)[:, None, :]
-                  + self.head(h.mean((2, 3)))[:, None, :])
+                  + self.head(h.mean((2, 3)))[:, None, :] + self.head(h.amax((2, 3)))[:, None, :])
         h = F.interpolate(tokens.transpose(1, 2).reshape(b, c, hh, ww), scale_factor=2)
         return self.conv_out(h)
 
@@ -82,8 +82,9 @@ def test_every_rule_matches_the_autograd_loop(zoo_batch):
     names = [n for n, _ in model.named_parameters()]
     assert unsupported(model, names) == []
     layers = LayerGradients(model, dict(model.named_parameters()))
-    out = torch.full((B, layers.num_params), float("nan"))  # garbage on entry is overwritten
-    layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B, out)
+    blocks = layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B)
+    assert [tuple(b.shape) for b in blocks] == [(B, p.numel()) for p in model.parameters()]
+    out = torch.cat(blocks, 1)
     ref = _reference(model, x, labels, target, names)
     assert float(ref.abs().max()) > 0
     _close(out, ref)
@@ -97,13 +98,13 @@ def test_every_rule_matches_the_autograd_loop(zoo_batch):
     emb = out[:, int(offsets[names.index("emb.weight")]):int(offsets[names.index("emb.weight") + 1])].reshape(B, 5, 12)
     assert float(emb[:, 0].abs().max()) == 0 and float(emb[1, 3].abs().max()) > 0 and float(emb[1, 4].abs().max()) == 0
 
-    # add=True accumulates; the same call again is bit-identical (no hidden state, deterministic kernels)
+    # out accumulates in place; the same call again is bit-identical (no hidden state, deterministic kernels)
     again = out.clone()
-    layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B, again, add=True)
+    views = list(again.split(layers.numels, 1))
+    assert all(a is b for a, b in zip(layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B, views),
+                                      views))
     torch.testing.assert_close(again, 2 * out)
-    once = torch.empty_like(out)
-    layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B, once)
-    assert torch.equal(once, out)
+    assert torch.equal(torch.cat(layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B), 1), out)
 
 
 def test_no_activation_outlives_the_call(zoo_batch):
@@ -114,16 +115,16 @@ def test_no_activation_outlives_the_call(zoo_batch):
 
     model, x, labels, target = zoo_batch
     layers = LayerGradients(model, dict(model.named_parameters()))
-    out = torch.empty(B, layers.num_params)
-    seen = [weakref.ref(out)]
+    seen = []
     handle = model.down.register_forward_hook(lambda mod, args, output: seen.append(weakref.ref(output)))
     try:
-        layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B, out)
+        blocks = layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B)
     finally:
         handle.remove()
-    del out
+    seen += [weakref.ref(b) for b in blocks]
+    del blocks
     gc.collect()
-    assert len(seen) == 2 and all(ref() is None for ref in seen)
+    assert len(seen) == 1 + len(layers.numels) and all(ref() is None for ref in seen)
 
 
 def test_a_subset_of_parameters_and_an_unused_layer(zoo_batch):
@@ -135,15 +136,14 @@ def test_a_subset_of_parameters_and_an_unused_layer(zoo_batch):
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     layers = LayerGradients(model, {n: params[n] for n in names})
-    out = torch.full((B, layers.num_params), float("nan"))
-    layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B, out)
+    out = torch.cat(layers.compute(lambda: _loss_rows(model, x, labels, target).sum(), B), 1)
     model.proj.weight.requires_grad_(True)
     ref = _reference(model, x, labels, target, names)
     model.proj.weight.requires_grad_(False)
     _close(out, ref)
     # a loss that stops before proj and conv_out: their gradients must be exact zeros, not stale or garbage
-    out[:] = float("nan")
-    layers.compute(lambda: model.norm(model.dilated(model.down(model.pointwise(model.conv_in(x))))).sum(), B, out)
+    out = torch.cat(layers.compute(lambda: model.norm(model.dilated(model.down(model.pointwise(model.conv_in(x)))))
+                                   .sum(), B), 1)
     assert torch.isfinite(out).all()
     n_tail = params["proj.weight"].numel() + params["conv_out.weight"].numel()
     assert float(out[:, -n_tail:].abs().max()) == 0 and float(out[:, :-n_tail].abs().max()) > 0
@@ -152,7 +152,7 @@ def test_a_subset_of_parameters_and_an_unused_layer(zoo_batch):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        layers.compute(boom, B, out)
+        layers.compute(boom, B)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert all(not m._forward_hooks for m in model.modules())
     assert all("forward" not in vars(m) for m in model.modules())  # group norms' per-sample forward removed
@@ -243,6 +243,8 @@ def test_cross_attention_unet_and_lora_match_the_autograd_loop(lora):
         engine = GradientEngine(unet, schedule, "loss", backend=backend, chunk_size=chunk)
         assert engine.param_names == names and engine.backend == backend
         _close(engine.averaged_grads(x0, t, eps, cond), ref)
+        assert torch.equal(torch.cat(engine.averaged_grads(x0, t, eps, cond, blocks=True), 1),
+                           engine.averaged_grads(x0, t, eps, cond))
     if lora:
         assert all(".lora_" in n for n in names)
 
@@ -258,8 +260,7 @@ def test_a_group_norm_that_starts_the_graph_recomputes_its_statistics():
     x = 3 * torch.randn(M * B, 4, 5, 5) + 1
     names = [n for n, _ in model.named_parameters()]
     layers = LayerGradients(model, dict(model.named_parameters()))
-    out = torch.empty(B, layers.num_params)
-    layers.compute(lambda: (model(x) ** 2).sum(), B, out)
+    out = torch.cat(layers.compute(lambda: (model(x) ** 2).sum(), B), 1)
     params = dict(model.named_parameters())
     ref = []
     for b in range(B):
