@@ -354,7 +354,8 @@ def test_projecting_column_blocks_equals_projecting_the_matrix(name):
     cuts = [0, 1, 7, SCATTER_CHUNK + 3, 3 * SCATTER_CHUNK, HASH_BLOCK - 2, HASH_BLOCK + 1, p]
     blocks = [G[:, a:b].clone() for a, b in zip(cuts, cuts[1:])]
     assert torch.equal(proj.project(blocks), proj.project(G))
-    if name == "countsketch":  # and both are the sketch: an independent sum over the hash
+    if name == "countsketch":  # the same without any cache; and both are the sketch (an independent sum)
+        assert torch.equal(CountSketchProjector(p, 64, seed=5, max_cache_bytes=0).project(blocks), proj.project(G))
         h, sign = proj.buckets_and_signs()
         sketch = torch.zeros(3, 64, dtype=torch.float64).index_add_(1, h, G.double() * sign)
         torch.testing.assert_close(proj.project(blocks).double(), sketch, rtol=1e-6, atol=1e-6)
