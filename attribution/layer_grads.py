@@ -252,8 +252,7 @@ class LayerGradients:
         ``loss_fn()`` runs the model on m*samples rows, time-major (sample b owns rows b, samples + b, ...), and
         returns the sum of per-row outputs; rows must not interact (true of eval-mode UNets: GroupNorm and
         attention work within a row).  ``out``: tensors of those shapes to add the gradients into (returned).
-        Without it the blocks are the kernels' own outputs, never copied (joining them into one (samples, p)
-        matrix would copy every gradient once more: a tenth of the time on small models).
+        Without it the blocks are the kernels' own outputs, never copied again (:meth:`GradientEngine.blocks`).
         """
         if samples != self._zero_batch:  # zero tensors are per batch size: keep one size's
             self._zero_cache.clear()

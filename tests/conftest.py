@@ -15,6 +15,24 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+# The longest files (seconds on the 2-core machine, one xdist worker each: module fixtures that materialize whole
+# experiments) go first, longest first, so that the workers finish together instead of one running a long file
+# alone at the end (`make test` hands out whole files, in collection order, as workers become free).
+LONGEST_FIRST = (
+    "tests/assets/test_lora_assets.py",         # ~240
+    "tests/pipelines/test_definitions.py",      # ~130
+    "tests/browser/test_ui.py",                 # ~125
+    "tests/assets/test_group_assets.py",        # ~90
+    "tests/pipelines/test_dask.py",             # ~65
+    "tests/assets/test_checks.py",              # ~45
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
