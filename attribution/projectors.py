@@ -72,6 +72,7 @@ HASH_BLOCK = 1 << 16  # parameters per countsketch hash block
 SCATTER_CHUNK = 1 << 12  # columns per index_add_ call (speed only; does not change the result)
 DEFAULT_MAX_CACHE_BYTES = 256 << 20
 
+
 def _cpu_blocks(G: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return [b.detach().cpu() for b in ([G] if isinstance(G, Tensor) else G)]
 
