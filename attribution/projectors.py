@@ -69,7 +69,7 @@ __all__ = [
 TILE_ROWS = 8  # rows per dense GEMM call (fixed, so that a row's arithmetic never depends on the batch)
 DENSE_BLOCK_ELEMENTS = 1 << 20  # k x b elements per generated dense block (8 MiB in float64)
 HASH_BLOCK = 1 << 16  # parameters per countsketch hash block
-SCATTER_CHUNK = 1 << 12  # columns per index_add_ call (speed only; does not change the result)
+CHUNK_COLUMNS = 1 << 12  # columns per index_add_ call (speed only; does not change the result)
 DEFAULT_MAX_CACHE_BYTES = 256 << 20
 
 
@@ -282,7 +282,7 @@ class CountSketchProjector(Projector):
         return torch.cat([b for b, _ in parts]), torch.cat([sg for _, sg in parts])
 
     def _chunks(self, widths: tuple[int, ...]) -> Iterable[tuple[list[tuple[int, int, int]], Tensor, Tensor]]:
-        """Column chunks of at most SCATTER_CHUNK columns over blocks of these widths: (pieces (block, start,
+        """Column chunks of at most CHUNK_COLUMNS columns over blocks of these widths: (pieces (block, start,
         stop), buckets, signs).  Small blocks (biases, norms) share a chunk, so each costs no call of its own.
         Kept for the last layout when the cache allows, else generated chunk by chunk (bounded memory)."""
         if self._plan is not None and self._plan[0] == widths:
@@ -297,10 +297,10 @@ class CountSketchProjector(Projector):
         for i, w in enumerate(widths):
             c = 0
             while c < w:
-                n = min(w - c, SCATTER_CHUNK - size)
+                n = min(w - c, CHUNK_COLUMNS - size)
                 pieces.append((i, c, c + n))
                 c, size = c + n, size + n
-                if size == SCATTER_CHUNK:
+                if size == CHUNK_COLUMNS:
                     yield (pieces, *self._hash_range(lo, lo + size))
                     pieces, lo, size = [], lo + size, 0
         if size:
@@ -313,7 +313,7 @@ class CountSketchProjector(Projector):
             return out
         # chunks keep the float64 source in cache; any chunking gives the same bits, because index_add_ adds the
         # chunk's columns to each row serially in ascending order (measured 10-15% faster than scatter_add_)
-        src = torch.empty(B, SCATTER_CHUNK, dtype=torch.float64)
+        src = torch.empty(B, CHUNK_COLUMNS, dtype=torch.float64)
         for pieces, buckets, signs in self._chunks(tuple(b.shape[1] for b in blocks)):
             c = 0
             for i, a, z in pieces:

@@ -16,8 +16,8 @@ import torch
 from attribution.gradients import GradientEngine, select_parameters
 from attribution.outputs import OUTPUT_FUNCTIONS, NoiseSchedule, get_output_function
 from attribution.projectors import (
+    CHUNK_COLUMNS,
     HASH_BLOCK,
-    SCATTER_CHUNK,
     TILE_ROWS,
     CountSketchProjector,
     GaussianProjector,
@@ -351,7 +351,7 @@ def test_projecting_column_blocks_equals_projecting_the_matrix(name):
     p = HASH_BLOCK + 5000
     G = torch.randn(3, p, generator=torch.Generator().manual_seed(4))
     proj = make_projector(name, p, p if name == "identity" else 64, seed=5)
-    cuts = [0, 1, 7, SCATTER_CHUNK + 3, 3 * SCATTER_CHUNK, HASH_BLOCK - 2, HASH_BLOCK + 1, p]
+    cuts = [0, 1, 7, CHUNK_COLUMNS + 3, 3 * CHUNK_COLUMNS, HASH_BLOCK - 2, HASH_BLOCK + 1, p]
     blocks = [G[:, a:b].clone() for a, b in zip(cuts, cuts[1:])]
     assert torch.equal(proj.project(blocks), proj.project(G))
     if name == "countsketch":  # the same without any cache; and both are the sketch (an independent sum)
