@@ -56,7 +56,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
         recipes = feature_recipes(name, method, model.n_checkpoints())
         rows, digests, table = {}, [], []
         for recipe in recipes:
-            unet = model.load_unet(checkpoint=recipe.checkpoint)
+            unet = model.load_unet(device, checkpoint=recipe.checkpoint)
             x, ids, t, labels = recipe_inputs(recipe, train_x, train.labels, queries, record, n_gen)
             cond = kit.conditioning(labels)
             data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
@@ -85,7 +85,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
             speed = computed_rows * per_row / wall if done else None
             context.log.info(f"{recipe.store_name}: {len(done)} of {store.n_shards} shards computed "
                              f"({store.n_shards - len(done)} already complete) in {wall:.1f} s; per-sample "
-                             f"gradients by the {feat.engine.backend} backend ({feat.engine.backend_reason})")
+                             f"gradients by the {feat.engine.backend} backend ({feat.engine.backend_reason}) on {device}")
             digest = store.digest()
             digests.append(digest)
             rows[recipe.store_name] = {"rows": len(x), "k": feat.dim, "shards_computed": len(done),

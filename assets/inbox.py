@@ -53,7 +53,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
 
         from .scores import compute_scores
 
-        setup_torch(exp)
+        device = setup_torch(exp)
         pk = context.partition_key
         paths = storage.paths(exp.name)
         image, source = load_inbox_image(paths, pk)
@@ -68,7 +68,7 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
         for name, method in a.methods.items():
             arrays, _ = compute_scores(paths, explained_model(exp), name, method, a.lambda_factor, train, queries,
                                        query_features=fresh_query_features(exp, paths, name, method, queries,
-                                                                           np.array([query_id])))
+                                                                           np.array([query_id]), device))
             s = arrays["scores"]
             scores[name] = s[0]
             k = min(a.top_k, s.shape[1])
@@ -92,9 +92,11 @@ def build(exp: Experiment) -> list[dg.AssetsDefinition]:
     return [inbox_attributions]
 
 
-def fresh_query_features(exp: Experiment, paths, name: str, method, queries: dict, query_ids) -> dict:
+def fresh_query_features(exp: Experiment, paths, name: str, method, queries: dict, query_ids,
+                         device: str = "cpu") -> dict:
     """Query-side features of new images for a gradient method (store name -> InMemoryFeatures), computed with
-    exactly the recipe, model and projection of the method's stored query features."""
+    exactly the recipe, model and projection of the method's stored query features (on ``device``, as the
+    features asset computes them)."""
     import hashlib
 
     import numpy as np
@@ -113,7 +115,7 @@ def fresh_query_features(exp: Experiment, paths, name: str, method, queries: dic
     schedule = NoiseSchedule.from_scheduler(model.load_scheduler())
     out = {}
     for recipe in feature_recipes(name, method, model.n_checkpoints())[1::2]:
-        unet = model.load_unet(checkpoint=recipe.checkpoint)
+        unet = model.load_unet(device, checkpoint=recipe.checkpoint)
         x, ids, t, _ = recipe_inputs(recipe, None, None, queries, {}, n_gen=0, query_ids=query_ids)
         feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim, proj_seed=a.proj_seed,
                           noise_seed=a.noise_seed)

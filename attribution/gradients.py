@@ -34,6 +34,8 @@ Notes
   is used by the papers' models at attribution time).
 * The selected parameters are *views* of the model's own tensors (``detach()`` shares storage), so
   ``model.load_state_dict(checkpoint)`` between calls (TracIn over checkpoints) is picked up without rebuilding.
+* Computation runs on the model's device (:attr:`GradientEngine.device`): inputs are moved there, and the
+  gradients stay there for the projector to fetch.
 * Results are deterministic for a fixed batch: running a shard with the same row boundaries reproduces the
   full run's rows bit for bit.  Different batch sizes or backends may round differently (kernels are picked by
   shape).
@@ -144,6 +146,7 @@ class GradientEngine:
         self.param_shapes: list[torch.Size] = [p.shape for p in self.params.values()]
         self.param_numels: list[int] = [p.numel() for p in self.params.values()]
         self.num_params: int = int(sum(self.param_numels))
+        self.device: torch.device = next(iter(self.params.values())).device
         frozen = {n: p.detach() for n, p in model.named_parameters() if n not in self.params}
         frozen.update({n: b.detach() for n, b in model.named_buffers()})
         self._frozen = frozen
@@ -201,6 +204,7 @@ class GradientEngine:
                      out: Grads | None = None) -> Grads:
         """x0 (B,C,H,W), t (B,m), eps (B,m,C,H,W) -> scale * gradient of sum_m f per sample (added into ``out``
         when given): (B, p) float32 from the vmap backend, per-parameter (B, numel) blocks from the layer one."""
+        t, eps = t.to(x0.device), eps.to(x0.device)
         if self._layers is None:
             g = self.flatten(self._batched_grad(cond is not None)(self.params, x0, t, eps, cond))
             g = g if scale == 1.0 else g.mul_(scale)
@@ -256,7 +260,11 @@ class GradientEngine:
         self._check(x0, t)
         if eps.shape != x0.shape:
             raise ValueError(f"eps shape {tuple(eps.shape)} != x0 shape {tuple(x0.shape)}")
+        x0, cond = self._on_device(x0, cond)
         return self.dense(self._grads_multi(x0, t.reshape(-1, 1), eps.unsqueeze(1), cond))
+
+    def _on_device(self, x0: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return x0.to(self.device), None if cond is None else cond.to(self.device)
 
     def _eps_chunk(self, eps: EpsSource, x0: Tensor, t_sets: Tensor, ks: range, draws: int) -> Tensor:
         """(B, len(ks) * draws, C, H, W) noise for timestep columns ks, ordered (k, draw)."""
@@ -303,12 +311,13 @@ class GradientEngine:
         if t_sets.ndim != 2:
             raise ValueError(f"t_sets must be (B, K), got shape {tuple(t_sets.shape)}")
         self._check(x0, t_sets)
+        x0, cond = self._on_device(x0, cond)
         B, K = t_sets.shape
         R = int(noise_draws)
         if R < 1:
             raise ValueError("noise_draws must be >= 1")
         if normalize_per_timestep:
-            acc = torch.zeros(B, self.num_params, dtype=torch.float32)
+            acc = torch.zeros(B, self.num_params, dtype=torch.float32, device=self.device)
             for k in range(K):
                 g = self._timestep_grad(x0, t_sets, eps, cond, k, R)
                 acc += g / _row_norms(g)
@@ -346,8 +355,9 @@ class GradientEngine:
         """
         t_sets = torch.as_tensor(t_sets, dtype=torch.long)
         self._check(x0, t_sets)
+        x0, cond = self._on_device(x0, cond)
         B, K = t_sets.shape
-        out = torch.empty(B, K, self.num_params, dtype=torch.float32)
+        out = torch.empty(B, K, self.num_params, dtype=torch.float32, device=self.device)
         for k in range(K):
             g = self._timestep_grad(x0, t_sets, eps, cond, k, int(noise_draws))
             out[:, k] = g / _row_norms(g) if normalize else g

@@ -157,7 +157,7 @@ class Featurizer:
             G = self.engine.dense(grads)
             grads = [G / G.norm(dim=1, keepdim=True).clamp_min(1e-30)]
         if r.timesteps == "recorded":
-            untrained = torch.as_tensor(np.asarray(t) < 0)
+            untrained = torch.as_tensor(np.asarray(t) < 0).to(self.engine.device)
             for g in grads:
                 g[untrained] = 0.0
         return self.projector.project(grads).numpy()

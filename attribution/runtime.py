@@ -66,13 +66,26 @@ def single_thread():
 
 
 def resolve_device(device: str) -> str:
+    """The experiment's device ("cpu", "cuda" or "auto"); on CUDA, deterministic kernels are switched on."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("experiment asks for device 'cuda' but no CUDA GPU is visible: set device: cpu or auto")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("experiment asks for device 'cuda' but no CUDA GPU is visible: set device: cpu or auto")
+        deterministic_cuda()
     return device
+
+
+def deterministic_cuda() -> None:
+    """Same inputs, same bits on the GPU too: cuDNN's autotuner may pick a different convolution algorithm per
+    process, and some of its weight-gradient algorithms add with atomics; cuBLAS needs a fixed workspace split."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def stable_seed(domain: str, *ints: int) -> int:
