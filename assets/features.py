@@ -61,7 +61,7 @@ def _feature_asset(exp: Experiment, name: str, method: MethodSpec) -> dg.AssetsD
             cond = kit.conditioning(labels)
             data_hash = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
             feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim,
-                              proj_seed=a.proj_seed, noise_seed=a.noise_seed)
+                              proj_seed=a.proj_seed, noise_seed=a.noise_seed, threads=exp.torch_threads)
             spec = feature_spec(recipe, model_digest=model.digest, num_params=feat.engine.num_params,
                                 projector=feat.projector.spec(), noise_seed=a.noise_seed, data_hash=data_hash,
                                 n_rows=len(x))

@@ -118,7 +118,7 @@ def fresh_query_features(exp: Experiment, paths, name: str, method, queries: dic
         unet = model.load_unet(device, checkpoint=recipe.checkpoint)
         x, ids, t, _ = recipe_inputs(recipe, None, None, queries, {}, n_gen=0, query_ids=query_ids)
         feat = Featurizer(unet, schedule, recipe, projector=a.projector, proj_dim=a.proj_dim, proj_seed=a.proj_seed,
-                          noise_seed=a.noise_seed)
+                          noise_seed=a.noise_seed, threads=exp.torch_threads)
         rows = np.concatenate([feat.rows(x[b:b + a.batch_size], ids[b:b + a.batch_size],
                                          None if t is None else t[b:b + a.batch_size])
                                for b in range(0, len(x), a.batch_size)])

@@ -317,7 +317,8 @@ class Experiment(_Strict):
     name: str
     description: str = ""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    torch_threads: int = Field(default=1, ge=1, description="per process; 1 is fastest and stable on 2 vCPUs")
+    torch_threads: int = Field(default=1, ge=1, description="CPU threads per process (torch ops, and the "
+                               "countsketch projection of the features); 1 is fastest and stable on 2 vCPUs")
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()

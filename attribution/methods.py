@@ -106,14 +106,17 @@ class Featurizer:
     """Projected, timestep-averaged per-sample gradients for one recipe; batches are independent of each other."""
 
     def __init__(self, unet, schedule, recipe: FeatureRecipe, *, projector: str, proj_dim: int, proj_seed: int,
-                 noise_seed: int, param_filter=None):
+                 noise_seed: int, param_filter=None, threads: int = 1):
+        """``threads``: CPU threads of the projection (the gradients take one thread, or the GPU): the same rows
+        for any number."""
         from .gradients import GradientEngine
         from .projectors import make_projector
 
         self.recipe = recipe
         self.engine = GradientEngine(unet, schedule, recipe.output, param_filter=param_filter)
         self.projector = make_projector(projector, self.engine.num_params,
-                                        self.engine.num_params if projector == "identity" else proj_dim, proj_seed)
+                                        self.engine.num_params if projector == "identity" else proj_dim, proj_seed,
+                                        threads=threads)
         self.noise_seed = noise_seed
         self.T = schedule.num_train_timesteps
 

@@ -15,8 +15,10 @@ import torch
 
 from attribution.gradients import GradientEngine, select_parameters
 from attribution.outputs import OUTPUT_FUNCTIONS, NoiseSchedule, get_output_function
+from attribution import projectors
 from attribution.projectors import (
-    CHUNK_COLUMNS,
+    CHUNK_ELEMENTS,
+    DEFAULT_MAX_CACHE_BYTES,
     HASH_BLOCK,
     TILE_ROWS,
     CountSketchProjector,
@@ -351,7 +353,7 @@ def test_projecting_column_blocks_equals_projecting_the_matrix(name):
     p = HASH_BLOCK + 5000
     G = torch.randn(3, p, generator=torch.Generator().manual_seed(4))
     proj = make_projector(name, p, p if name == "identity" else 64, seed=5)
-    cuts = [0, 1, 7, CHUNK_COLUMNS + 3, 3 * CHUNK_COLUMNS, HASH_BLOCK - 2, HASH_BLOCK + 1, p]
+    cuts = [0, 1, 7, CHUNK_ELEMENTS // 3 - 2, CHUNK_ELEMENTS // 3 + 3, HASH_BLOCK - 2, HASH_BLOCK + 1, p]
     blocks = [G[:, a:b].clone() for a, b in zip(cuts, cuts[1:])]
     assert torch.equal(proj.project(blocks), proj.project(G))
     if name == "countsketch":  # the same without any cache; and both are the sketch (an independent sum)
@@ -361,6 +363,32 @@ def test_projecting_column_blocks_equals_projecting_the_matrix(name):
         torch.testing.assert_close(proj.project(blocks).double(), sketch, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=f"expects \\(B, {p}\\) input"):
         proj.project(blocks[1:])
+
+
+@pytest.mark.parametrize("name", ["countsketch", "countsketch_gaussian"])
+@pytest.mark.parametrize("slice_rows", [None, 2], ids=["one-slice", "2-row-slices"])
+def test_projection_threads_give_the_same_bits(name, slice_rows, monkeypatch):
+    """Rows cut into slices (all 5 rows in one, or 2 rows each: an output slice of 2 rows' bytes) and threads (5
+    rows on 2 or 3 threads, 2 rows on 3 threads), from blocks or the matrix, with and without the cached chunk
+    plan: bit for bit the single-thread projection of the whole batch."""
+    p = HASH_BLOCK + 5000
+    G = torch.randn(5, p, generator=torch.Generator().manual_seed(6))
+    ref = make_projector(name, p, 64, seed=7).project(G)
+    if slice_rows:
+        sketch_width = 64 if name == "countsketch" else 256
+        monkeypatch.setattr(projectors, "OUT_SLICE_BYTES", 8 * sketch_width * slice_rows)
+    cuts = [0, 3, CHUNK_ELEMENTS // 5 + 1, HASH_BLOCK + 7, p]
+    blocks = [G[:, a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    one = make_projector(name, p, 64, seed=7)
+    assert torch.equal(one.project(blocks), ref)
+    for threads in (2, 3):
+        for cache in (DEFAULT_MAX_CACHE_BYTES, 0):
+            proj = make_projector(name, p, 64, seed=7, threads=threads, max_cache_bytes=cache)
+            assert proj.spec() == one.spec()
+            assert torch.equal(proj.project(blocks), ref) and torch.equal(proj.project(G), ref)
+            assert torch.equal(proj.project([b[:2] for b in blocks]), ref[:2])
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        make_projector(name, p, 64, threads=0)
 
 
 def test_projectors_equal_their_explicit_matrices(unit_rows):

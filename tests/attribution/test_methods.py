@@ -89,6 +89,11 @@ def test_features_do_not_depend_on_threads_batch_or_shard(model):
     finally:
         torch.set_num_threads(1)
     np.testing.assert_array_equal(full, two)
+    unet, schedule = model  # projection threads (row slices side by side) change nothing either
+    threaded = Featurizer(unet, schedule, recipe, projector="countsketch", proj_dim=128, proj_seed=0, noise_seed=3,
+                          threads=3)
+    assert threaded.projector.threads == 3
+    np.testing.assert_array_equal(full, np.concatenate([threaded.rows(x[b:b + 8], ids[b:b + 8]) for b in (0, 8)]))
 
 
 def test_journey_query_rows():
