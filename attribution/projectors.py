@@ -14,9 +14,9 @@ rademacher             as gaussian; the +-1 draws cost  as gaussian             
                        ~5 ns each (8 signs per random
                        byte)
 countsketch (default)  O(B p) (~4 ns per entry): one    hash cache 5 bytes/param,    unbiased; Var = (1 + <x,y>^2 -
-                       index-add per column chunk,      + 16 for the chunk plan      2 sum x_j^2 y_j^2) / k <= 2/k, i.e.
-                       + O(p) hashing once              (p <= max_cache_bytes / 21)  Gaussian-like variance, but heavier
-                                                                                     tails (failure prob ~ 1/(k eps^2))
+                       index-add per chunk and row      + 16 for the chunk plan      2 sum x_j^2 y_j^2) / k <= 2/k, i.e.
+                       slice, on ``threads`` threads;   (p <= max_cache_bytes / 21)  Gaussian-like variance, but heavier
+                       + O(p) hashing once                                           tails (failure prob ~ 1/(k eps^2))
 countsketch_gaussian   O(B p) + O(m k) draws + 2 B m k  hash cache + m x k f32       Gaussian tails at width k on top of
                        flops (m = 4k by default)                                     a countsketch of width m >> k
 identity               O(B p) copy                      none                         exact (k must equal p)
@@ -324,8 +324,8 @@ class CountSketchProjector(Projector):
         if B == 0:
             return out
         # Rows go in slices whose part of ``out`` (written at random by index_add_) stays in the core's cache: at
-        # k=32768, slices of 4 rows ran 2.2x faster than 64 rows at once.  Each thread takes a contiguous run of
-        # slices.  A row's sums depend on neither.
+        # k=32768, slices of 4 rows ran 1.8-2.2x faster than 64 rows at once (benchmarks/countsketch_slices.py).
+        # Each thread takes a contiguous run of slices.  A row's sums depend on neither.
         rows = max(1, min(OUT_SLICE_BYTES // (8 * self.k), -(-B // self.threads)))
         columns = max(1, CHUNK_ELEMENTS // rows)
         widths = tuple(b.shape[1] for b in blocks)
