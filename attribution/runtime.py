@@ -80,12 +80,14 @@ def resolve_device(device: str) -> str:
 
 def deterministic_cuda() -> None:
     """Same inputs, same bits on the GPU too: cuDNN's autotuner may pick a different convolution algorithm per
-    process, and some of its weight-gradient algorithms add with atomics; cuBLAS needs a fixed workspace split."""
+    process, some of its weight-gradient algorithms and CUDA's index_put_/embedding backward add with atomics, and
+    cuBLAS needs a fixed workspace split.  An op with no deterministic CUDA kernel warns (it does not fail)."""
     import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def stable_seed(domain: str, *ints: int) -> int:

@@ -103,7 +103,12 @@ def test_resolving_cuda_switches_on_deterministic_kernels(monkeypatch):
     with pytest.raises(RuntimeError, match="no CUDA GPU is visible: set device: cpu or auto"):
         resolve_device("cuda")
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic  # nothing changed on CPU
+    assert not torch.are_deterministic_algorithms_enabled()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == "cuda"
+    try:
+        assert resolve_device("auto") == "cuda"
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
